@@ -1,0 +1,423 @@
+"""FastGen web demo: SDXL Turbo, LCM and LCM-LoRA side by side with the 50-step baseline.
+
+    python app.py                      # http://127.0.0.1:7860, default family for this machine
+    python app.py --family sd15 --port 7861
+    FASTGEN_FAMILY=mini python app.py
+
+This file lays out the page and wires its events. Model work goes through fastgen.engine; what a panel
+shows (captions, progress, run order, exports) is decided in fastgen.present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from fastgen import present
+from fastgen.engine import Engine, RunStopped, default_family
+from fastgen.present import PANEL_ORDER, Board
+from fastgen.registry import FAMILIES, get_family
+
+log = logging.getLogger("fastgen.app")
+
+QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is currently busy"
+EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
+GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
+MAX_SEED = 2**32 - 1
+# Per panel, the event outputs are these, in this order, for each method of PANEL_ORDER.
+PANEL_OUTPUTS = ("image", "status", "caption", "code")
+RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
+OUTPUT_NAMES = [f"{m}.{o}" for m in PANEL_ORDER for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
+
+try:  # On a ZeroGPU Space, model work must run inside @spaces.GPU; elsewhere this is a no-op.
+    import spaces
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:
+    def gpu_task(fn):
+        return fn
+
+
+def example_prompts(family: str) -> list[str]:
+    """The prompt set the UI offers for a family: examples/prompts/<family>.txt, one prompt a line."""
+    folder = Path(__file__).parent / "examples" / "prompts"
+    path = folder / f"{family}.txt"
+    if not path.exists():
+        path = folder / "default.txt"
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+class Runs:
+    """The event functions that touch the engine. Each yields the full output list (gr.skip() where a
+    component does not change); see OUTPUT_NAMES for its order."""
+
+    def __init__(self, engine: Engine, export_dir: Path):
+        self.engine = engine
+        self.export_dir = export_dir
+        self.switches = present.StopSwitches()
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def generate(self, request: gr.Request, family: str, prompt: str, negative_prompt: str, seed: float,
+                 size: str, board: Board | None, *panel_values) -> Iterator[list]:
+        """Run every enabled panel on the same prompt and seed, fastest first, the baseline last."""
+        enabled, steps, guidance = self.panel_settings(family, panel_values)
+        methods = [m for m, on in enabled.items() if on]
+        if not prompt or not prompt.strip():
+            raise gr.Error("Type a prompt first.")
+        if not methods:
+            raise gr.Error("Turn on at least one panel.")
+        try:
+            width, height = present.parse_size(size)
+            board = Board.start(family, methods, steps, guidance, prompt=prompt, negative_prompt=negative_prompt or "",
+                                seed=int(seed), width=width, height=height)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        yield self.view(board, list(board.panels), running=True)
+
+        def job(on_step, stop):
+            return self.engine.iter_compare(
+                family, prompt, board.order, negative_prompt=negative_prompt or "", seed=int(seed), width=width,
+                height=height, steps={m: steps[m] for m in board.order},
+                guidance={m: guidance[m] for m in board.order}, on_step=on_step, stop=stop)
+
+        yield from self.follow(board, job, request)
+
+    def rerun(self, method: str, request: gr.Request, board: Board | None, enabled: bool, steps: float,
+              guidance: float) -> Iterator[list]:
+        """Rerun one panel with its new slider values and the last run's prompt, seed and size."""
+        if board is None or not enabled or board.panels.get(method) is None:
+            yield [gr.skip()] * len(OUTPUT_NAMES)
+            return
+        steps, guidance = int(steps), float(guidance)
+        board = Board.start(board.family, [method], {method: steps}, {method: guidance}, previous=board)
+        s = board.settings
+        yield self.view(board, [method], running=True)
+
+        def job(on_step, stop):
+            return [self.engine.run(board.family, method, s["prompt"], negative_prompt=s["negative_prompt"],
+                                    seed=s["seed"], width=s["width"], height=s["height"], steps=steps,
+                                    guidance=guidance, on_step=on_step, stop=stop)]
+
+        yield from self.follow(board, job, request)
+
+    def stop(self, request: gr.Request) -> None:
+        self.switches.stop(request.session_hash if request else None)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def follow(self, board: Board, job, request: gr.Request | None) -> Iterator[list]:
+        """Stream `job` into the board, then settle it: finished panels stay, the rest say why they stopped."""
+        session = request.session_hash if request else None
+        stop = self.switches.arm(session)
+        try:
+            for event in present.stream(job, stop):
+                yield self.view(board, board.apply(event), running=True)
+        except RunStopped:
+            yield self.view(board, board.fail("stopped", "Stopped"), running=False, export=True)
+            return
+        except ValueError as exc:  # the engine's errors say what was wrong and what is allowed
+            yield self.view(board, board.fail("failed", str(exc)), running=False, export=True)
+            raise gr.Error(str(exc)) from None
+        except Exception:
+            log.exception("run failed: family=%s settings=%s", board.family, board.settings)
+            yield self.view(board, board.fail("failed", "Failed"), running=False, export=True)
+            raise gr.Error("Something went wrong on the server; the error has been logged.") from None
+        finally:
+            self.switches.release(session, stop)
+        yield self.view(board, [], running=False, export=True)
+
+    def panel_settings(self, family: str, panel_values) -> tuple[dict, dict, dict]:
+        """Split the flat (toggle, steps, guidance) * PANEL_ORDER inputs into dicts for this family's methods."""
+        names = present.panel_methods(family)
+        enabled, steps, guidance = {}, {}, {}
+        for i, method in enumerate(PANEL_ORDER):
+            if method in names:
+                on, n, g = panel_values[3 * i: 3 * i + 3]
+                enabled[method], steps[method], guidance[method] = bool(on), int(n), float(g)
+        return enabled, steps, guidance
+
+    def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> list:
+        """The output list for `board`: changed panels get new values, the others gr.skip()."""
+        out = []
+        for method in PANEL_ORDER:
+            panel = board.panels.get(method)
+            if panel is None or method not in changed:
+                out += [gr.skip()] * len(PANEL_OUTPUTS)
+                continue
+            result = panel.result
+            out += [
+                result.image if result is not None else None,
+                board.status_html(method),
+                board.caption(method),
+                result.code if result is not None else "",
+            ]
+        done = [p.method for p in board.panels.values() if p.result is not None]
+        if any(board.panels[m].state == "done" for m in changed) or not running:
+            left, right = compare_pair(board)
+            choices = [(get_family(board.family).method(m).label, m) for m in done]
+            out += [board, gr.Dropdown(choices=choices, value=left), gr.Dropdown(choices=choices, value=right),
+                    slider_images(board, left, right)]
+        else:
+            out += [board, gr.skip(), gr.skip(), gr.skip()]
+        if export and done:
+            present.prune(self.export_dir, EXPORT_MAX_AGE)
+            grid_path, json_path = present.write_exports(board, self.export_dir, present.grid(board))
+            out += [gr.DownloadButton(value=str(grid_path), visible=True),
+                    gr.DownloadButton(value=str(json_path), visible=True)]
+        elif running and len(changed) == len(board.panels):  # a fresh run: the old downloads are stale
+            out += [gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False)]
+        else:
+            out += [gr.skip(), gr.skip()]
+        out += [gr.Button(interactive=not running), gr.Button(interactive=running)]
+        return out
+
+
+def compare_pair(board: Board) -> tuple[str | None, str | None]:
+    """The default pair for the image slider: the fastest finished panel against the baseline."""
+    done = [m for m in board.order if board.panels[m].result is not None]
+    done += [m for m, p in board.panels.items() if p.result is not None and m not in done]
+    if not done:
+        return None, None
+    right = "baseline" if "baseline" in done else done[-1]
+    left = next((m for m in done if m != right), right)
+    return left, right
+
+
+def slider_images(board: Board | None, left: str | None, right: str | None):
+    panels = board.panels if board is not None else {}
+    images = [panels[m].result.image if m in panels and panels[m].result is not None else None for m in (left, right)]
+    return tuple(images) if all(i is not None for i in images) else None
+
+
+def compare_api(engine: Engine, family: str):
+    """The `compare` API endpoint: keyword arguments in, the images and the results JSON out."""
+
+    @gpu_task
+    def compare(prompt: str, seed: float = 0, negative_prompt: str = "", methods: list[str] | None = None,
+                width: float = 0, height: float = 0):
+        """Run the methods on one prompt and seed. width/height 0 = each method's native size."""
+        methods = list(methods or present.panel_methods(family))
+        try:
+            comparison = engine.compare(family, prompt, methods, negative_prompt=negative_prompt or "",
+                                        seed=int(seed), width=int(width) or None, height=int(height) or None)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        except Exception:
+            log.exception("compare failed: family=%s prompt=%r", family, prompt)
+            raise gr.Error("Something went wrong on the server; the error has been logged.") from None
+        data = comparison.to_dict()
+        for result in data["results"]:
+            result.pop("image", None)
+        gallery = [(r.image, f"{r.label}: {r.steps} steps, {r.seconds:.2f} s") for r in comparison.results]
+        return gallery, data
+
+    return compare
+
+
+CSS = """
+.fg-panels { display: grid !important; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 12px; }
+@media (max-width: 1100px) { .fg-panels { grid-template-columns: repeat(2, minmax(0, 1fr)); } }
+.fg-panel { min-width: 0 !important; }
+.fg-panel .fg-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.fg-panel h3 { margin: 0; }
+.fg-caption { font-size: 0.9em; min-height: 3em; }
+.fg-status { font-size: 0.85em; color: var(--body-text-color-subdued); min-height: 1.4em; }
+.fg-failed { color: var(--error-text-color); }
+.fg-bar { height: 6px; border-radius: 3px; background: var(--neutral-200); overflow: hidden; margin: 2px 0 4px; }
+.fg-bar > div { height: 100%; background: var(--color-accent); transition: width 0.1s linear; }
+.fg-note, .fg-note p { font-size: 0.8em !important; color: var(--body-text-color-subdued); }
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
+
+
+def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.Blocks:
+    """Build the page. Nothing loads here: weights load on the first Generate, through the engine's cache."""
+    engine = engine or Engine()
+    family = family or os.environ.get("FASTGEN_FAMILY") or default_family()
+    fam = get_family(family)
+    export_dir = Path(tempfile.mkdtemp(prefix="fastgen-exports-"))
+    runs = Runs(engine, export_dir)
+    selectable = [(f.label, name) for name, f in FAMILIES.items()]
+
+    with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE)) as demo:
+        gr.Markdown("# ⚡ FastGen\nFast text-to-image methods side by side with the 50-step baseline: same prompt, "
+                    "same seed, honest timings, and the code that reproduces each image.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True)
+                negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)")
+                examples = gr.Dataset(label="Examples", components=[prompt],
+                                      samples=[[p] for p in example_prompts(family)], samples_per_page=6)
+            with gr.Column(scale=2):
+                family_box = gr.Dropdown(selectable, value=family, label="Model family")
+                size = gr.Dropdown(present.size_choices(family), value=present.NATIVE, label="Size")
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
+                    dice = gr.Button("Randomize", scale=1, min_width=90)
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", scale=3)
+                    stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
+                run_status = gr.Markdown(elem_classes="fg-note")
+
+        board = gr.State(None)
+        panels = {}
+        with gr.Row(elem_classes="fg-panels"):
+            for method in PANEL_ORDER:
+                panels[method] = PanelView(family, method)
+
+        with gr.Accordion("Compare two panels", open=True):
+            with gr.Row():
+                left = gr.Dropdown([], label="Left", scale=1)
+                right = gr.Dropdown([], label="Right", scale=1)
+            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384,
+                                    slider_position=50)
+        with gr.Row():
+            grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
+            json_file = gr.DownloadButton("Download results (JSON)", visible=False)
+
+        # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
+        with gr.Column(visible=False):
+            api_in = [gr.Textbox(label="prompt"), gr.Number(0, label="seed", precision=0),
+                      gr.Textbox(label="negative_prompt"),
+                      gr.CheckboxGroup(present.panel_methods(family), value=present.panel_methods(family),
+                                       label="methods"),
+                      gr.Number(0, label="width", precision=0), gr.Number(0, label="height", precision=0)]
+            api_out = [gr.Gallery(label="images"), gr.JSON(label="results")]
+            api_button = gr.Button()
+
+        # -- wiring -----------------------------------------------------------------------------------
+        outputs = [getattr(panels[m], o) for m in PANEL_ORDER for o in PANEL_OUTPUTS]
+        outputs += [board, left, right, slider, grid_file, json_file, generate, stop]
+        panel_inputs = [c for m in PANEL_ORDER for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
+        run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=1, show_progress="minimal",
+                        show_progress_on=run_status, api_visibility="private")
+
+        gr.on([generate.click, prompt.submit], gpu_task(runs.generate),
+              inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs], **run_args)
+        stop.click(runs.stop, queue=False, api_visibility="private")
+        dice.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False, api_visibility="private")
+        examples.click(lambda sample: sample[0], inputs=examples, outputs=prompt, queue=False,
+                       api_visibility="private")
+        for method, panel in panels.items():
+            gr.on([panel.steps.release, panel.guidance.release], gpu_task(rerun_handler(runs, method)),
+                  inputs=[board, panel.toggle, panel.steps, panel.guidance], trigger_mode="always_last", **run_args)
+            panel.guidance.change(panel_note_handler(method), inputs=[family_box, panel.guidance],
+                                  outputs=panel.note, queue=False, api_visibility="private")
+        gr.on([left.change, right.change], slider_images, inputs=[board, left, right], outputs=slider, queue=False,
+              api_visibility="private")
+        family_box.change(family_handler, inputs=family_box,
+                          outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,
+                                   *[c for m in PANEL_ORDER for c in panels[m].family_outputs()]],
+                          api_visibility="private")
+        api_button.click(compare_api(engine, family), inputs=api_in, outputs=api_out, api_name="compare",
+                         concurrency_id=GPU, concurrency_limit=1)
+    return demo
+
+
+class PanelView:
+    """The components of one method's panel."""
+
+    def __init__(self, family: str, method: str):
+        spec = panel_spec(family, method)
+        with gr.Column(elem_classes="fg-panel", variant="panel", visible=spec is not None, min_width=200) as self.column:
+            spec = spec or get_family(family).methods[0]  # placeholder values for a hidden panel
+            with gr.Row(equal_height=True):
+                self.title = gr.Markdown(f"### {spec.label}")
+                self.toggle = gr.Checkbox(True, label="On", container=False, min_width=60, scale=0)
+            self.image = gr.Image(label=spec.label, type="pil", format="png", interactive=False, show_label=False,
+                                  height=256, buttons=["download", "fullscreen"], elem_classes="fg-image")
+            self.status = gr.HTML()
+            self.caption = gr.Markdown(elem_classes="fg-caption")
+            self.steps = gr.Slider(**steps_props(spec))
+            self.guidance = gr.Slider(**guidance_props(spec))
+            self.note = gr.Markdown(panel_note(spec, spec.guidance), elem_classes="fg-note")
+            with gr.Accordion("Code", open=False):
+                self.code = gr.Code(language="python", show_label=False, interactive=False)
+
+    def family_outputs(self) -> list:
+        return [self.column, self.title, self.toggle, self.image, self.status, self.caption, self.steps,
+                self.guidance, self.note, self.code]
+
+
+def panel_spec(family: str, method: str):
+    return get_family(family).method(method) if method in present.panel_methods(family) else None
+
+
+def steps_props(spec) -> dict:
+    return dict(minimum=spec.min_steps, maximum=spec.max_steps, value=spec.steps, step=1, label="Steps",
+                interactive=spec.min_steps < spec.max_steps)
+
+
+def guidance_props(spec) -> dict:
+    fixed = present.fixed_guidance(spec)
+    return dict(minimum=spec.min_guidance, maximum=spec.max_guidance + (1 if fixed else 0), value=spec.guidance,
+                step=0.1, label="Guidance", info=present.guidance_info(spec), interactive=not fixed)
+
+
+def panel_note(spec, guidance: float) -> str:
+    notes = [present.negative_prompt_note(spec, guidance), present.licence_note(spec)]
+    return "\n\n".join(n for n in notes if n)
+
+
+def panel_note_handler(method: str):
+    def note(family: str, guidance: float) -> str:
+        spec = panel_spec(family, method)
+        return panel_note(spec, float(guidance)) if spec is not None else ""
+    return note
+
+
+def rerun_handler(runs: Runs, method: str):
+    def rerun(request: gr.Request, board: Board | None, enabled: bool, steps: float, guidance: float):
+        yield from runs.rerun(method, request, board, enabled, steps, guidance)
+    return rerun
+
+
+def family_handler(family: str) -> list:
+    """Switching family resets the page to that family's methods, ranges, sizes and examples."""
+    prompts = example_prompts(family)
+    out = [gr.Dropdown(choices=present.size_choices(family), value=present.NATIVE),
+           gr.Dataset(samples=[[p] for p in prompts]), prompts[0], None, None,
+           gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None),
+           gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False)]
+    for method in PANEL_ORDER:
+        spec = panel_spec(family, method)
+        if spec is None:
+            out += [gr.Column(visible=False)] + [gr.skip()] * 9
+            continue
+        out += [gr.Column(visible=True), f"### {spec.label}", True, None, "", "", gr.Slider(**steps_props(spec)),
+                gr.Slider(**guidance_props(spec)), panel_note(spec, spec.guidance), ""]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FastGen web demo")
+    parser.add_argument("--family", default=None, help=f"one of {', '.join(FAMILIES)} (default: FASTGEN_FAMILY, "
+                        "else sdxl with CUDA, mini without)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    app = demo if args.family is None else create_demo(family=args.family)
+    launch(app, host=args.host, port=args.port)
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+    """Serve `app` the one way this project serves it: bounded queue, no share link, small uploads."""
+    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return app.launch(server_name=host, server_port=port, share=False, max_file_size="1mb", theme=THEME, css=CSS,
+                      footer_links=["api"], **kwargs)
+
+
+demo = create_demo()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""What the web demo shows, computed without Gradio: run order, captions, progress, exports.
+
+    from fastgen.present import Board, stream
+    board = Board.start("mini", ["turbo", "baseline"], steps={...}, guidance={...})
+    for event in stream(lambda on_step, stop: engine.iter_compare(..., on_step=on_step, stop=stop)):
+        board.apply(event)
+
+app.py lays out the page and wires events; everything it displays about a run is decided here, so it
+can be tested without a server. Nothing here imports gradio or holds a model.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from fastgen.registry import get_family
+
+# The layout order of the panels: fastest method on the left, the 50-step baseline on the right.
+PANEL_ORDER = ("turbo", "lcm", "lcm-lora", "baseline")
+
+NATIVE = "native"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-method facts the panels state.
+
+
+def cfg_on(spec, guidance: float) -> bool:
+    """Classifier-free guidance runs (a second UNet pass per step) only for `cfg` methods above 1."""
+    return spec.cfg_at(guidance)
+
+
+def fixed_guidance(spec) -> bool:
+    return spec.min_guidance == spec.max_guidance
+
+
+def guidance_info(spec) -> str:
+    """The line under a panel's guidance slider: what the number does for this method."""
+    if fixed_guidance(spec):
+        return f"Fixed at {spec.guidance:g}: this model was distilled to sample without classifier-free guidance."
+    if spec.guidance_mode == "embedding":
+        return "Fed to the UNet as an embedding: one pass per step, no CFG cost."
+    return "Above 1 turns on classifier-free guidance, which doubles the cost of each step."
+
+
+def negative_prompt_note(spec, guidance: float) -> str:
+    """Why this method ignores the negative prompt at this guidance, or "" when it uses it."""
+    if spec.guidance_mode == "embedding":
+        return "Ignores the negative prompt: guidance is an embedding, there is no unconditional pass."
+    if spec.ignores_negative_prompt:
+        return "Ignores the negative prompt: it samples without classifier-free guidance."
+    if not spec.cfg_at(guidance):
+        return "Ignores the negative prompt at guidance 1 or below: classifier-free guidance is off."
+    return ""
+
+
+def licence_note(spec) -> str:
+    return f"Licence: {spec.licence}" if getattr(spec, "licence", None) else ""
+
+
+def unet_passes(spec, steps: int, guidance: float) -> int:
+    """A cost estimate for ordering panels: UNet evaluations, doubled under CFG."""
+    return steps * (2 if cfg_on(spec, guidance) else 1)
+
+
+def run_order(family: str, methods: Iterable[str], steps: dict, guidance: dict) -> list[str]:
+    """Fastest first by UNet passes (ties keep the layout order); the baseline always last,
+    because every other panel's speed-up is measured against it."""
+    fam = get_family(family)
+    chosen = [m for m in panel_methods(family) if m in set(methods)]
+    others = [m for m in chosen if m != "baseline"]
+    others.sort(key=lambda m: unet_passes(fam.method(m), steps[m], guidance[m]))
+    return others + (["baseline"] if "baseline" in chosen else [])
+
+
+def panel_methods(family: str) -> list[str]:
+    """The family's methods in layout order (methods outside PANEL_ORDER go before the baseline)."""
+    names = [m.name for m in get_family(family).methods]
+    known = [m for m in PANEL_ORDER if m in names and m != "baseline"]
+    extra = [m for m in names if m not in PANEL_ORDER]
+    return known + extra + (["baseline"] if "baseline" in names else [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes.
+
+
+def size_choices(family: str) -> list[tuple[str, str]]:
+    """(label, value) pairs for the size control: each method's own size, or one square size for all."""
+    fam = get_family(family)
+    natives = sorted({m.native_size for m in fam.methods})
+    native_label = "Native (" + ", ".join(f"{n}²" for n in natives) + ")" if len(natives) > 1 else f"Native ({natives[0]}²)"
+    squares = sorted({*natives, *(s for s in (512, 768, 1024) if s <= max(natives))})
+    return [(native_label, NATIVE)] + [(f"{s}×{s} for all", f"{s}x{s}") for s in squares]
+
+
+def parse_size(value: str | None) -> tuple[int | None, int | None]:
+    """"native" -> (None, None); "512x768" -> (512, 768). The engine validates the numbers."""
+    if not value or value == NATIVE:
+        return None, None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be 'native' or WIDTHxHEIGHT, got {value!r}") from None
+    return width, height
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming a run out of the engine's callbacks.
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Done:
+    result: Any  # fastgen.engine.MethodResult
+
+
+def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: threading.Event | None = None,
+           min_interval: float = 0.1) -> Iterator[Step | Done]:
+    """Run `job(on_step, stop)` in a worker thread and yield its progress as it happens.
+
+    `job` yields MethodResults (like Engine.iter_compare) and calls `on_step(method, step, total)`.
+    Step events are coalesced to at most one per `min_interval` seconds (a 64x64 run makes hundreds per
+    second); every result is yielded. The worker's exception (RunStopped included) is re-raised here
+    after the events before it. If the consumer goes away early, the worker is stopped between steps
+    and joined, so the GPU is free when this generator is closed.
+    """
+    stop = stop or threading.Event()
+    events: queue.Queue = queue.Queue()
+    end = object()
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            for result in job(lambda method, step, total: events.put(Step(method, step, total)), stop):
+                events.put(Done(result))
+        except BaseException as exc:  # handed to the consumer, which decides what the user sees
+            failure.append(exc)
+        finally:
+            events.put(end)
+
+    worker = threading.Thread(target=work, name="fastgen-run", daemon=True)
+    worker.start()
+    finished = False
+    try:
+        last_step_at = 0.0
+        while True:
+            event = events.get()
+            if event is end:
+                finished = True
+                break
+            if isinstance(event, Step):
+                # Skip a step when a newer one is already waiting and the last was shown moments ago.
+                waiting = events.queue[0] if events.qsize() else None
+                if isinstance(waiting, Step) and time.monotonic() - last_step_at < min_interval:
+                    continue
+                last_step_at = time.monotonic()
+            yield event
+    finally:
+        if not finished:
+            stop.set()
+        worker.join()
+    if failure:
+        raise failure[0]
+
+
+class StopSwitches:
+    """One stop flag per browser session, so Stop ends this visitor's run and nobody else's."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._switches: dict[str, threading.Event] = {}
+
+    def arm(self, session: str | None) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._switches[session or ""] = event
+        return event
+
+    def stop(self, session: str | None) -> bool:
+        with self._lock:
+            event = self._switches.get(session or "")
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def release(self, session: str | None, event: threading.Event) -> None:
+        with self._lock:
+            if self._switches.get(session or "") is event:
+                del self._switches[session or ""]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The board: what each panel shows during and after a run.
+
+
+@dataclass
+class Panel:
+    method: str
+    state: str = "idle"  # idle | off | waiting | running | done | stopped | failed
+    step: int = 0
+    total: int = 0
+    result: Any = None
+    message: str = ""
+
+
+@dataclass
+class Board:
+    """The panels of one run plus the settings they share. `apply` returns the methods whose view changed."""
+
+    family: str
+    settings: dict
+    order: list[str]
+    panels: dict[str, Panel] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, family: str, methods: Iterable[str], steps: dict, guidance: dict, previous: "Board | None" = None,
+              **settings) -> "Board":
+        """A board for a fresh run; when `previous` is given (a one-panel rerun) the other panels keep
+        their results."""
+        order = run_order(family, methods, steps, guidance)
+        panels = {m: Panel(m, state="waiting" if m in order else "off") for m in panel_methods(family)}
+        if previous is not None and previous.family == family:
+            for m, panel in previous.panels.items():
+                if m in panels and m not in order:
+                    panels[m] = panel
+            settings = {**previous.settings, **settings}
+        return cls(family, settings, order, panels)
+
+    def apply(self, event: Step | Done) -> list[str]:
+        if isinstance(event, Step):
+            panel = self.panels[event.method]
+            panel.state, panel.step, panel.total = "running", event.step, event.total
+            return [event.method]
+        result = event.result
+        panel = self.panels[result.method]
+        panel.state, panel.result, panel.step, panel.total = "done", result, result.steps, result.steps
+        # A new baseline time changes every panel's speed-up.
+        return list(self.panels) if result.method == "baseline" else [result.method]
+
+    def fail(self, state: str, message: str) -> list[str]:
+        """Mark the panel that was running (or the next waiting one) stopped/failed; later ones stay empty."""
+        changed = []
+        current = next((m for m in self.order if self.panels[m].state == "running"), None)
+        current = current or next((m for m in self.order if self.panels[m].state == "waiting"), None)
+        for m in self.order:
+            panel = self.panels[m]
+            if m == current:
+                panel.state, panel.message = state, message
+                changed.append(m)
+            elif panel.state in ("waiting", "running"):
+                panel.state, panel.message = "idle", ""
+                changed.append(m)
+        return changed
+
+    def results(self) -> list:
+        """Finished results in layout order."""
+        return [p.result for p in self.panels.values() if p.result is not None]
+
+    def baseline_seconds(self) -> float | None:
+        base = self.panels.get("baseline")
+        return base.result.seconds if base is not None and base.result is not None else None
+
+    # -- text -----------------------------------------------------------------------------------------
+
+    def status_html(self, method: str) -> str:
+        panel = self.panels[method]
+        if panel.state == "running" and panel.total:
+            pct = 100 * panel.step / panel.total
+            return (f'<div class="fg-status fg-running"><div class="fg-bar"><div style="width:{pct:.0f}%"></div></div>'
+                    f"step {panel.step} / {panel.total}</div>")
+        text = {
+            "idle": "", "off": "Off", "waiting": "Waiting…", "running": "Loading weights…",
+            "done": "", "stopped": panel.message or "Stopped", "failed": panel.message or "Failed",
+        }[panel.state]
+        return f'<div class="fg-status fg-{panel.state}">{html.escape(text)}</div>' if text else ""
+
+    def caption(self, method: str) -> str:
+        panel = self.panels[method]
+        return caption(panel.result, self.baseline_seconds()) if panel.result is not None else ""
+
+
+def caption(result, baseline_seconds: float | None) -> str:
+    """One panel's caption (Markdown): steps, guidance, CFG, time, speed-up, steps/s, then any warnings."""
+    parts = [
+        f"**{result.steps}** step{'s' if result.steps != 1 else ''}",
+        f"guidance **{result.guidance:g}**",
+        f"CFG **{'on' if result.cfg else 'off'}**",
+        f"**{result.seconds:.2f} s**",
+    ]
+    if result.method == "baseline":
+        parts.append("reference")
+    elif baseline_seconds and result.seconds > 0:
+        parts.append(f"**{baseline_seconds / result.seconds:.1f}×** faster")
+    else:
+        parts.append("speed-up: run the baseline")
+    if result.steps_per_second and math.isfinite(result.steps_per_second):
+        parts.append(f"{result.steps_per_second:.1f} steps/s")
+    lines = [" · ".join(parts)]
+    if getattr(result, "load_seconds", 0):
+        lines.append(f"<small>first load {result.load_seconds:.1f} s, not counted</small>")
+    lines += [f"⚠️ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exports.
+
+
+def results_json(board: Board, extra: dict | None = None) -> dict:
+    """The run as JSON: the shared settings, then each finished panel's result (without its image)."""
+    results = []
+    for result in board.results():
+        data = dict(result.to_dict())
+        data.pop("image", None)
+        results.append(data)
+    return {"family": board.family, **board.settings, **(extra or {}), "results": results}
+
+
+def write_exports(board: Board, directory: Path, grid, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write the captioned grid (settings in the PNG's text metadata) and the results JSON; return both paths."""
+    from PIL.PngImagePlugin import PngInfo
+
+    data = results_json(board, extra)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    grid_path = directory / f"fastgen-{board.family}-{stamp}.png"
+    json_path = directory / f"fastgen-{board.family}-{stamp}.json"
+    info = PngInfo()
+    info.add_text("fastgen", json.dumps(data))
+    info.add_text("prompt", str(board.settings.get("prompt", "")))
+    grid.save(grid_path, pnginfo=info)
+    json_path.write_text(json.dumps(data, indent=2))
+    return grid_path, json_path
+
+
+def prune(directory: Path, max_age_seconds: float) -> None:
+    """Delete exports older than `max_age_seconds`: downloads are made per run and nobody needs old ones."""
+    cutoff = time.time() - max_age_seconds
+    for path in directory.glob("fastgen-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def grid(board: Board):
+    """The finished panels side by side, each captioned with its method and timing (a PIL image)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    results = board.results()
+    cell = max(max(r.image.width, r.image.height) for r in results)
+    cell = max(cell, 192)  # tiny 64x64 images are scaled up so the caption stays readable
+    font = ImageFont.load_default(size=max(12, cell // 20))
+    caption_h = int(font.size * 3.2)
+    canvas = Image.new("RGB", (cell * len(results), cell + caption_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    baseline = board.baseline_seconds()
+    for i, r in enumerate(results):
+        scale = cell / max(r.image.width, r.image.height)
+        size = (round(r.image.width * scale), round(r.image.height * scale))
+        canvas.paste(r.image.convert("RGB").resize(size, Image.NEAREST), (i * cell, 0))
+        speed = f", {baseline / r.seconds:.1f}x" if baseline and r.method != "baseline" and r.seconds > 0 else ""
+        draw.text((i * cell + 6, cell + 4), r.label, fill="black", font=font)
+        draw.text((i * cell + 6, cell + 4 + font.size * 1.4),
+                  f"{r.steps} steps, cfg {r.guidance:g}, {r.seconds:.2f} s{speed}", fill="dimgray", font=font)
+    return canvas

@@ -157,18 +157,23 @@ def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: thre
     worker.start()
     finished = False
     try:
-        last_step_at = 0.0
+        shown_at, held = 0.0, None  # `held`: the newest step not yet shown, waiting for its slot
         while True:
-            event = events.get()
+            wait = None if held is None else max(0.0, shown_at + min_interval - time.monotonic())
+            try:
+                event = events.get(timeout=wait)
+            except queue.Empty:
+                event, held = held, None
             if event is end:
                 finished = True
                 break
+            if isinstance(event, Step) and time.monotonic() - shown_at < min_interval:
+                held = event
+                continue
+            if isinstance(event, Done) and held is not None and held.method == event.result.method:
+                held = None  # the finished result says more than its last step
             if isinstance(event, Step):
-                # Skip a step when a newer one is already waiting and the last was shown moments ago.
-                waiting = events.queue[0] if events.qsize() else None
-                if isinstance(waiting, Step) and time.monotonic() - last_step_at < min_interval:
-                    continue
-                last_step_at = time.monotonic()
+                shown_at, held = time.monotonic(), None
             yield event
     finally:
         if not finished:

@@ -1,0 +1,284 @@
+"""Handler-level tests of the web demo: the event functions of app.py, called directly, no server.
+
+A fake engine stands in for fastgen.engine so these run in a second and can time Stop precisely;
+tests/test_app_client.py and tests/test_app_browser.py drive the real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+import app
+from fastgen import present
+from fastgen.engine import RunStopped
+from fastgen.present import PANEL_ORDER, Board
+from fastgen.registry import get_family
+
+COLORS = {"turbo": (220, 60, 60), "lcm": (60, 160, 80), "lcm-lora": (60, 90, 220), "baseline": (200, 170, 40)}
+
+
+@dataclass
+class FakeResult:
+    method: str
+    label: str
+    image: Image.Image
+    steps: int
+    guidance: float
+    cfg: bool
+    seconds: float
+    steps_per_second: float
+    load_seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+    code: str = ""
+    width: int = 64
+    height: int = 64
+
+    def to_dict(self):
+        return {k: v for k, v in self.__dict__.items() if k != "image"}
+
+
+class FakeEngine:
+    """Engine.run / iter_compare with the real signatures: sleeps per step, honours on_step and stop."""
+
+    def __init__(self, step_seconds=0.0, fail=None):
+        self.step_seconds = step_seconds
+        self.fail = fail  # {method: exception} raised when that method starts
+        self.calls = []
+
+    def run(self, family, method, prompt, *, negative_prompt="", seed=0, width=None, height=None, steps=None,
+            guidance=None, on_step=None, stop=None):
+        spec = get_family(family).method(method)
+        steps = spec.steps if steps is None else steps
+        guidance = spec.guidance if guidance is None else guidance
+        self.calls.append((method, prompt, seed, steps, guidance, width, height))
+        if self.fail and method in self.fail:
+            raise self.fail[method]
+        for i in range(steps):
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"{method} stopped at step {i}")
+            time.sleep(self.step_seconds)
+            on_step and on_step(method, i + 1, steps)
+        seconds = 0.01 * steps * (2 if spec.cfg_at(guidance) else 1)  # deterministic "timings"
+        size = (width or spec.native_size, height or spec.native_size)
+        return FakeResult(method, spec.label, Image.new("RGB", size, COLORS[method]), steps, guidance,
+                          spec.cfg_at(guidance), seconds, steps / seconds, code=f"# {method} seed={seed}")
+
+    def iter_compare(self, family, prompt, methods=None, *, steps=None, guidance=None, **kw):
+        for m in methods:
+            yield self.run(family, m, prompt, steps=(steps or {}).get(m), guidance=(guidance or {}).get(m), **kw)
+
+
+def defaults(family="mini", off=()):
+    """The flat (toggle, steps, guidance) * PANEL_ORDER panel inputs at each method's defaults."""
+    values = []
+    for m in PANEL_ORDER:
+        spec = get_family(family).method(m)
+        values += [m not in off, spec.steps, spec.guidance]
+    return values
+
+
+def named(update: list) -> dict:
+    return dict(zip(app.OUTPUT_NAMES, update))
+
+
+def download(button) -> str:
+    """The file a DownloadButton update offers (Gradio keeps it as FileData)."""
+    return button.value["path"]
+
+
+def changed(value) -> bool:
+    return not (isinstance(value, dict) and value == gr.skip())
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return app.Runs(FakeEngine(), tmp_path)
+
+
+def generate(runs, prompt="a large red circle on a blue background", seed=7, size="native", off=(), values=None):
+    return [named(u) for u in runs.generate(None, "mini", prompt, "", seed, size, None, *(values or defaults(off=off)))]
+
+
+def test_generate_fills_panels_fastest_first_baseline_last(tmp_path):
+    runs = app.Runs(FakeEngine(step_seconds=0.004), tmp_path)
+    updates = generate(runs)
+    # The order images arrive in: each update that carries a new image names one method.
+    arrivals = [m for u in updates[1:] for m in PANEL_ORDER
+                if changed(u[f"{m}.image"]) and u[f"{m}.image"] is not None]
+    assert arrivals[-1] == "baseline"
+    assert arrivals[0] == "turbo"  # 1 step beats 4
+    assert sorted(dict.fromkeys(arrivals)) == sorted(PANEL_ORDER)
+    # Progress shows step by step for the running panel, at most ~10 updates a second.
+    progress = [u["baseline.status"] for u in updates if changed(u["baseline.status"]) and "/ 50" in u["baseline.status"]]
+    assert 1 < len(progress) < 15
+    final = updates[-1]
+    board = final["board"]
+    assert [board.panels[m].state for m in PANEL_ORDER] == ["done"] * 4
+    # Captions, re-rendered when the baseline lands, carry the speed-up over the baseline.
+    last_caption = {m: next(u[f"{m}.caption"] for u in reversed(updates) if changed(u[f"{m}.caption"]))
+                    for m in PANEL_ORDER}
+    assert "**100.0×** faster" in last_caption["turbo"]  # 50 steps x 2 CFG passes x 0.01 s / 0.01 s
+    assert "CFG **on**" in last_caption["baseline"] and "reference" in last_caption["baseline"]
+    assert "CFG **off**" in last_caption["lcm"]
+    # Buttons: Generate back on, Stop off; downloads offered; slider compares fastest vs baseline.
+    assert final["generate"].interactive is True and final["stop"].interactive is False
+    assert final["left"].value == "turbo" and final["right"].value == "baseline"
+    assert final["slider"][1].getpixel((0, 0)) == COLORS["baseline"]
+    assert runs.engine.calls[0][2] == 7  # the seed reached the engine
+
+
+def test_disabled_panels_do_not_run(runs):
+    updates = generate(runs, off=("lcm", "baseline"))
+    assert [c[0] for c in runs.engine.calls] == ["turbo", "lcm-lora"]
+    board = updates[-1]["board"]
+    assert board.panels["lcm"].state == "off"
+    assert "speed-up: run the baseline" in board.caption("turbo")
+
+
+def test_stop_keeps_finished_panels(tmp_path):
+    runs = app.Runs(FakeEngine(step_seconds=0.05), tmp_path)
+    stream = runs.generate(None, "mini", "a small green circle on an orange background", "", 0, "native", None,
+                           *defaults())
+    updates = []
+    for update in map(named, stream):
+        updates.append(update)
+        board = update["board"]
+        if board.panels["lcm"].state == "running":  # turbo done, lcm under way: press Stop
+            runs.stop(None)
+    board = updates[-1]["board"]
+    assert board.panels["turbo"].state == "done"
+    assert board.panels["lcm"].state == "stopped"
+    assert board.panels["baseline"].state == "idle" and board.panels["baseline"].result is None
+    assert [c[0] for c in runs.engine.calls] == ["turbo", "lcm"]
+    assert updates[-1]["lcm.status"].count("Stopped") == 1
+    assert updates[-1]["generate"].interactive is True
+    assert updates[-1]["grid_file"].value  # what finished can still be downloaded
+
+
+def test_rerun_changes_only_that_panel(runs):
+    board = generate(runs)[-1]["board"]
+    updates = [named(u) for u in runs.rerun("lcm", None, board, True, 2, 3.0)]
+    final = updates[-1]
+    assert runs.engine.calls[-1][:5] == ("lcm", "a large red circle on a blue background", 7, 2, 3.0)
+    assert final["lcm.image"] is not None and not changed(final["turbo.image"])
+    new = final["board"]
+    assert new.panels["lcm"].result.steps == 2
+    assert new.panels["turbo"].result is board.panels["turbo"].result  # untouched panels keep their results
+    data = json.loads(open(download(final["json_file"])).read())
+    assert {r["method"]: r["steps"] for r in data["results"]} == {"turbo": 1, "lcm": 2, "lcm-lora": 4,
+                                                                  "baseline": 50}
+
+
+def test_rerun_before_any_run_does_nothing(runs):
+    (update,) = list(runs.rerun("lcm", None, None, True, 2, 3.0))
+    assert all(not changed(v) for v in update) and runs.engine.calls == []
+
+
+def test_downloads_carry_settings(runs):
+    final = generate(runs, seed=123)[-1]
+    grid = Image.open(download(final["grid_file"]))
+    meta = json.loads(grid.text["fastgen"])
+    assert meta["seed"] == 123 and meta["family"] == "mini"
+    assert [r["method"] for r in meta["results"]] == list(PANEL_ORDER)
+    assert grid.width >= 4 * 64
+    data = json.loads(open(download(final["json_file"])).read())
+    assert data == meta
+
+
+@pytest.mark.parametrize("prompt, values, message", [
+    ("  ", None, "Type a prompt"),
+    ("a red circle", defaults(off=PANEL_ORDER), "Turn on at least one panel"),
+])
+def test_bad_input_is_a_gr_error(runs, prompt, values, message):
+    with pytest.raises(gr.Error, match=message):
+        generate(runs, prompt=prompt, values=values)
+
+
+def test_engine_value_error_reaches_the_user(tmp_path):
+    runs = app.Runs(FakeEngine(fail={"lcm": ValueError("`steps` for lcm must be in [1, 8], got 9")}), tmp_path)
+    with pytest.raises(gr.Error, match=r"must be in \[1, 8\], got 9"):
+        generate(runs)
+
+
+def test_unexpected_error_is_logged_not_leaked(tmp_path, caplog):
+    runs = app.Runs(FakeEngine(fail={"turbo": RuntimeError("CUDA error: secret/path/to/model")}), tmp_path)
+    with caplog.at_level(logging.ERROR, logger="fastgen.app"), pytest.raises(gr.Error) as err:
+        generate(runs)
+    assert "secret" not in str(err.value) and "logged" in str(err.value)
+    assert "secret/path/to/model" in caplog.text
+
+
+def test_closing_the_stream_stops_the_worker():
+    started, stopped = threading.Event(), threading.Event()
+
+    def job(on_step, stop):
+        started.set()
+        while not stop.wait(0.01):
+            on_step("baseline", 1, 50)
+        stopped.set()
+        raise RunStopped("stopped")
+        yield  # a generator, like Engine.iter_compare
+
+    events = present.stream(job)
+    next(events)
+    events.close()  # the browser went away mid-run
+    assert started.is_set() and stopped.is_set()
+
+
+def test_run_order_counts_cfg_passes():
+    spec = get_family("mini").method
+    steps = {m: spec(m).steps for m in PANEL_ORDER}
+    guidance = {m: spec(m).guidance for m in PANEL_ORDER}
+    assert present.run_order("mini", PANEL_ORDER, steps, guidance) == ["turbo", "lcm", "lcm-lora", "baseline"]
+    guidance["lcm-lora"], steps["lcm-lora"], steps["lcm"] = 2.0, 3, 5  # CFG on: 6 passes beat LCM's 5
+    assert present.run_order("mini", PANEL_ORDER, steps, guidance) == ["turbo", "lcm", "lcm-lora", "baseline"]
+    steps["lcm"] = 8
+    assert present.run_order("mini", PANEL_ORDER, steps, guidance) == ["turbo", "lcm-lora", "lcm", "baseline"]
+
+
+def test_panels_say_when_the_negative_prompt_is_ignored():
+    sdxl = get_family("sdxl")
+    assert "embedding" in present.negative_prompt_note(sdxl.method("lcm"), 8.0)
+    assert "without classifier-free guidance" in present.negative_prompt_note(sdxl.method("turbo"), 0.0)
+    assert "guidance 1 or below" in present.negative_prompt_note(sdxl.method("lcm-lora"), 1.0)
+    assert present.negative_prompt_note(sdxl.method("lcm-lora"), 1.5) == ""
+    assert present.negative_prompt_note(sdxl.method("baseline"), 5.0) == ""
+
+
+def test_family_switch_sets_ranges_and_licence():
+    out = app.family_handler("sdxl")
+    assert out[0].value == present.NATIVE and ("1024×1024 for all", "1024x1024") in out[0].choices
+    per_panel = 10
+    turbo = out[9: 9 + per_panel]
+    steps, guidance, note = turbo[6], turbo[7], turbo[8]
+    assert (steps.minimum, steps.maximum, steps.value) == (1, 4, 1)
+    assert guidance.interactive is False and "Fixed at 0" in guidance.info
+    assert "non-commercial" in note
+    lcm = out[9 + per_panel: 9 + 2 * per_panel]
+    assert (lcm[6].maximum, lcm[7].value) == (8, 8.0)
+
+
+def test_sizes():
+    assert present.parse_size("native") == (None, None)
+    assert present.parse_size("512x768") == (512, 768)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        present.parse_size("big")
+
+
+def test_model_work_shares_one_gpu_slot():
+    """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
+    gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]
+    assert len(gpu) == 2 + len(PANEL_ORDER)  # generate, compare, one rerun per panel
+    assert all(f.concurrency_limit == 1 for f in gpu)
+    compare = next(f for f in gpu if f.api_name == "compare")
+    assert compare.api_visibility == "public"
+    public = {f.api_name for f in app.demo.fns.values() if f.api_visibility == "public"}
+    assert public == {"compare"}

@@ -134,6 +134,12 @@ class Runs:
             self.switches.release(session, stop)
         yield self.view(board, [], running=False, export=True)
 
+    def comparison(self, board: Board):
+        """The board as a fastgen Comparison, with the engine's device, dtype and cache report."""
+        engine = self.engine
+        cache = engine.cache.report() if hasattr(engine, "cache") else []
+        return present.comparison(board, str(getattr(engine, "device", "")), str(getattr(engine, "dtype", "")), cache)
+
     def panel_settings(self, family: str, panel_values) -> tuple[dict, dict, dict]:
         """Split the flat (toggle, steps, guidance) * PANEL_ORDER inputs into dicts for this family's methods."""
         names = present.panel_methods(family)
@@ -169,7 +175,7 @@ class Runs:
             out += [board, gr.skip(), gr.skip(), gr.skip()]
         if export and done:
             present.prune(self.export_dir, EXPORT_MAX_AGE)
-            grid_path, json_path = present.write_exports(board, self.export_dir, present.grid(board))
+            grid_path, json_path = present.write_exports(self.comparison(board), self.export_dir)
             out += [gr.DownloadButton(value=str(grid_path), visible=True),
                     gr.DownloadButton(value=str(json_path), visible=True)]
         elif running and len(changed) == len(board.panels):  # a fresh run: the old downloads are stale

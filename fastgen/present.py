@@ -17,6 +17,7 @@ import math
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -324,32 +325,32 @@ def caption(result, baseline_seconds: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Exports.
+# Exports: the same results.json and grid as `python -m fastgen compare`, so a download reads like the CLI's.
 
 
-def results_json(board: Board, extra: dict | None = None) -> dict:
-    """The run as JSON: the shared settings, then each finished panel's result (without its image)."""
-    results = []
-    for result in board.results():
-        data = dict(result.to_dict())
-        data.pop("image", None)
-        results.append(data)
-    return {"family": board.family, **board.settings, **(extra or {}), "results": results}
+def comparison(board: Board, device: str = "", dtype: str = "", cache: list | None = None):
+    """The board's finished panels as a fastgen Comparison (layout order)."""
+    from fastgen.results import Comparison
+
+    s = board.settings
+    return Comparison(family=board.family, prompt=s.get("prompt", ""), negative_prompt=s.get("negative_prompt", ""),
+                      seed=s.get("seed", 0), device=device, dtype=dtype, results=board.results(), cache=cache or [])
 
 
-def write_exports(board: Board, directory: Path, grid, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write the captioned grid (settings in the PNG's text metadata) and the results JSON; return both paths."""
+def write_exports(result, directory: Path) -> tuple[Path, Path]:
+    """Write the captioned grid (results.json in the PNG's text metadata) and the JSON; return both paths.
+
+    Names are unique per run, so two visitors never get each other's files."""
     from PIL.PngImagePlugin import PngInfo
 
-    data = results_json(board, extra)
+    data = result.to_dict()
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    grid_path = directory / f"fastgen-{board.family}-{stamp}.png"
-    json_path = directory / f"fastgen-{board.family}-{stamp}.json"
+    stem = f"fastgen-{result.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     info = PngInfo()
     info.add_text("fastgen", json.dumps(data))
-    info.add_text("prompt", str(board.settings.get("prompt", "")))
-    grid.save(grid_path, pnginfo=info)
+    info.add_text("prompt", result.prompt)
+    grid_path, json_path = directory / f"{stem}.png", directory / f"{stem}.json"
+    result.grid().save(grid_path, pnginfo=info)
     json_path.write_text(json.dumps(data, indent=2))
     return grid_path, json_path
 
@@ -363,26 +364,3 @@ def prune(directory: Path, max_age_seconds: float) -> None:
                 path.unlink()
         except FileNotFoundError:
             pass
-
-
-def grid(board: Board):
-    """The finished panels side by side, each captioned with its method and timing (a PIL image)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    results = board.results()
-    cell = max(max(r.image.width, r.image.height) for r in results)
-    cell = max(cell, 192)  # tiny 64x64 images are scaled up so the caption stays readable
-    font = ImageFont.load_default(size=max(12, cell // 20))
-    caption_h = int(font.size * 3.2)
-    canvas = Image.new("RGB", (cell * len(results), cell + caption_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    baseline = board.baseline_seconds()
-    for i, r in enumerate(results):
-        scale = cell / max(r.image.width, r.image.height)
-        size = (round(r.image.width * scale), round(r.image.height * scale))
-        canvas.paste(r.image.convert("RGB").resize(size, Image.NEAREST), (i * cell, 0))
-        speed = f", {baseline / r.seconds:.1f}x" if baseline and r.method != "baseline" and r.seconds > 0 else ""
-        draw.text((i * cell + 6, cell + 4), r.label, fill="black", font=font)
-        draw.text((i * cell + 6, cell + 4 + font.size * 1.4),
-                  f"{r.steps} steps, cfg {r.guidance:g}, {r.seconds:.2f} s{speed}", fill="dimgray", font=font)
-    return canvas

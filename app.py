@@ -21,12 +21,14 @@ from typing import Iterator
 import gradio as gr
 
 from fastgen import present
-from fastgen.engine import Engine, RunStopped, default_family
+from fastgen.engine import Engine, RunStopped, WeightsMissingError, default_family
 from fastgen.present import PANEL_ORDER, Board
-from fastgen.registry import FAMILIES, get_family
+from fastgen.registry import FAMILIES, family_available, get_family
 
 log = logging.getLogger("fastgen.app")
 
+# Errors whose message is meant for the user: bad input (ValueError) and weights not on this machine.
+KNOWN_ERRORS = (ValueError, WeightsMissingError)
 QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is currently busy"
 EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
 GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
@@ -123,7 +125,7 @@ class Runs:
         except RunStopped:
             yield self.view(board, board.fail("stopped", "Stopped"), running=False, export=True)
             return
-        except ValueError as exc:  # the engine's errors say what was wrong and what is allowed
+        except KNOWN_ERRORS as exc:  # the engine's errors say what was wrong and what is allowed
             yield self.view(board, board.fail("failed", str(exc)), running=False, export=True)
             raise gr.Error(str(exc)) from None
         except Exception:
@@ -135,10 +137,10 @@ class Runs:
         yield self.view(board, [], running=False, export=True)
 
     def comparison(self, board: Board):
-        """The board as a fastgen Comparison, with the engine's device, dtype and cache report."""
-        engine = self.engine
-        cache = engine.cache.report() if hasattr(engine, "cache") else []
-        return present.comparison(board, str(getattr(engine, "device", "")), str(getattr(engine, "dtype", "")), cache)
+        """The board's finished panels as the engine's Comparison: the CLI's results.json and grid."""
+        s = board.settings
+        return self.engine.comparison(board.family, s["prompt"], board.results(),
+                                      negative_prompt=s["negative_prompt"], seed=s["seed"])
 
     def panel_settings(self, family: str, panel_values) -> tuple[dict, dict, dict]:
         """Split the flat (toggle, steps, guidance) * PANEL_ORDER inputs into dicts for this family's methods."""
@@ -214,7 +216,7 @@ def compare_api(engine: Engine, family: str):
         try:
             comparison = engine.compare(family, prompt, methods, negative_prompt=negative_prompt or "",
                                         seed=int(seed), width=int(width) or None, height=int(height) or None)
-        except ValueError as exc:
+        except KNOWN_ERRORS as exc:
             raise gr.Error(str(exc)) from None
         except Exception:
             log.exception("compare failed: family=%s prompt=%r", family, prompt)
@@ -247,15 +249,15 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
 def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.Blocks:
     """Build the page. Nothing loads here: weights load on the first Generate, through the engine's cache."""
     engine = engine or Engine()
-    family = family or os.environ.get("FASTGEN_FAMILY") or default_family()
-    fam = get_family(family)
+    family, notice = pick_family(family)
     export_dir = Path(tempfile.mkdtemp(prefix="fastgen-exports-"))
     runs = Runs(engine, export_dir)
-    selectable = [(f.label, name) for name, f in FAMILIES.items()]
+    selectable = [(f.label, name) for name, f in FAMILIES.items() if name == family or family_available(name)]
 
     with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE)) as demo:
         gr.Markdown("# ⚡ FastGen\nFast text-to-image methods side by side with the 50-step baseline: same prompt, "
                     "same seed, honest timings, and the code that reproduces each image.")
+        gr.Markdown(f"⚠️ {notice}", visible=bool(notice), elem_classes="fg-notice")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True)
@@ -326,6 +328,24 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         api_button.click(compare_api(engine, family), inputs=api_in, outputs=api_out, api_name="compare",
                          concurrency_id=GPU, concurrency_limit=1)
     return demo
+
+
+def pick_family(family: str | None = None) -> tuple[str, str]:
+    """The family the page opens on (flag, else FASTGEN_FAMILY, else the engine's default) and a notice for
+    the page when its weights are not here ("" when they are)."""
+    family = family or os.environ.get("FASTGEN_FAMILY")
+    if family is None:
+        try:
+            return default_family(), ""
+        except WeightsMissingError as exc:
+            family, reason = "mini", str(exc)
+    else:
+        get_family(family)  # an unknown name fails at startup, with the allowed names
+        if family_available(family):
+            return family, ""
+        reason = f"the {family} weights are not on this machine"
+    return family, (f"No model family can run here yet ({reason}). Fetch one with `python -m fastgen download "
+                    f"--family sdxl` while online, or add the embedded mini weights under fastgen/mini/weights/.")
 
 
 class PanelView:

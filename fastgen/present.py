@@ -328,15 +328,6 @@ def caption(result, baseline_seconds: float | None) -> str:
 # Exports: the same results.json and grid as `python -m fastgen compare`, so a download reads like the CLI's.
 
 
-def comparison(board: Board, device: str = "", dtype: str = "", cache: list | None = None):
-    """The board's finished panels as a fastgen Comparison (layout order)."""
-    from fastgen.results import Comparison
-
-    s = board.settings
-    return Comparison(family=board.family, prompt=s.get("prompt", ""), negative_prompt=s.get("negative_prompt", ""),
-                      seed=s.get("seed", 0), device=device, dtype=dtype, results=board.results(), cache=cache or [])
-
-
 def write_exports(result, directory: Path) -> tuple[Path, Path]:
     """Write the captioned grid (results.json in the PNG's text metadata) and the JSON; return both paths.
 

@@ -19,6 +19,7 @@ from PIL import Image
 import app
 from fastgen import present
 from fastgen.engine import RunStopped
+from fastgen.results import Comparison
 from fastgen.present import PANEL_ORDER, Board
 from fastgen.registry import get_family
 
@@ -74,6 +75,9 @@ class FakeEngine:
     def iter_compare(self, family, prompt, methods=None, *, steps=None, guidance=None, **kw):
         for m in methods:
             yield self.run(family, m, prompt, steps=(steps or {}).get(m), guidance=(guidance or {}).get(m), **kw)
+
+    def comparison(self, family, prompt, results, *, negative_prompt="", seed=0):
+        return Comparison(family, prompt, negative_prompt, seed, "cpu", "float32", results, [])
 
 
 def defaults(family="mini", off=()):

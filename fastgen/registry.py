@@ -1,0 +1,296 @@
+"""Families x methods as data: one frozen `MethodSpec` per row of the recipes table.
+
+    from fastgen.registry import get_family
+    get_family("sdxl").method("lcm").steps  # 4
+
+Adding a method is adding a row. Rows are validated when they are created, so a typo in a recipe fails at
+import rather than half-way through a generation. This module imports no torch and no diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+METHOD_NAMES = ("baseline", "turbo", "lcm", "lcm-lora")
+# Scheduler choices as strings; "default" keeps the class the repo's scheduler_config.json names.
+SCHEDULERS = {
+    "default": None,
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "lcm": "LCMScheduler",
+}
+GUIDANCE_MODES = ("cfg", "embedding", "none")
+PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+# LCMScheduler raises for more steps than its original_inference_steps (50): the slider must never get there.
+LCM_MAX_STEPS = 50
+TURBO_LICENCE = "Stability AI community licence: non-commercial use (a licence from Stability AI is needed otherwise)"
+MINI_WEIGHTS = Path(__file__).resolve().parent / "mini" / "weights"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of one family, as its model card runs it."""
+
+    name: str  # one of METHOD_NAMES
+    label: str  # what the UI and the grid caption show
+    pipeline: str  # diffusers pipeline class name
+    repo: str  # Hub id or absolute local folder of the full pipeline
+    variant: str | None = None  # weight file variant ("fp16") where the repo ships one
+    unet_repo: str | None = None  # a separate UNet placed into `repo`'s pipeline (LCM)
+    unet_subfolder: str | None = None  # None: the UNet files sit at the root of unet_repo
+    unet_variant: str | None = None
+    lora_repo: str | None = None  # a LoRA loaded on the pipeline's own UNet (LCM-LoRA)
+    lora_weight_name: str | None = None  # offline loading refuses to guess the file name
+    scheduler: str = "default"
+    scheduler_kwargs: tuple[tuple[str, object], ...] = ()
+    steps: int = 50
+    min_steps: int = 1
+    max_steps: int = 100
+    guidance: float = 7.5
+    min_guidance: float = 1.0
+    max_guidance: float = 15.0
+    guidance_mode: str = "cfg"  # "cfg": two UNet passes when > 1; "embedding": LCM w-embedding; "none": fixed
+    native_size: int = 512
+    licence: str | None = None  # a note shown wherever the method is offered
+    fp16_unsafe_vae: bool = False  # the SDXL VAE overflows in fp16: it must be upcast to decode
+
+    def __post_init__(self):
+        if self.name not in METHOD_NAMES:
+            raise ValueError(f"`name` must be one of {METHOD_NAMES}, got {self.name!r}")
+        if not self.label:
+            raise ValueError(f"`label` must be a non-empty string, got {self.label!r}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"`pipeline` must be one of {PIPELINES}, got {self.pipeline!r}")
+        if not self.repo:
+            raise ValueError(f"`repo` must be a Hub id or a local folder, got {self.repo!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"`scheduler` must be one of {tuple(SCHEDULERS)}, got {self.scheduler!r}")
+        if not all(isinstance(pair, tuple) and len(pair) == 2 for pair in self.scheduler_kwargs):
+            raise ValueError(f"`scheduler_kwargs` must be a tuple of (key, value) pairs, got {self.scheduler_kwargs!r}")
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance_mode` must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
+        if not 1 <= self.min_steps <= self.steps <= self.max_steps:
+            raise ValueError(
+                f"`steps` must satisfy 1 <= min_steps <= steps <= max_steps, "
+                f"got {self.min_steps} <= {self.steps} <= {self.max_steps}"
+            )
+        if self.scheduler == "lcm" and self.max_steps > LCM_MAX_STEPS:
+            raise ValueError(f"`max_steps` must be at most {LCM_MAX_STEPS} with the LCM scheduler, got {self.max_steps}")
+        if not 0 <= self.min_guidance <= self.guidance <= self.max_guidance:
+            raise ValueError(
+                f"`guidance` must satisfy 0 <= min_guidance <= guidance <= max_guidance, "
+                f"got {self.min_guidance} <= {self.guidance} <= {self.max_guidance}"
+            )
+        if self.guidance_mode == "none" and not self.min_guidance == self.guidance == self.max_guidance == 0:
+            raise ValueError(f"`guidance` must be fixed at 0.0 when guidance_mode is 'none', got {self.guidance}")
+        if (self.lora_repo is None) != (self.lora_weight_name is None):
+            raise ValueError(
+                f"`lora_weight_name` must be given exactly when `lora_repo` is, got {self.lora_repo!r} and "
+                f"{self.lora_weight_name!r}"
+            )
+        if self.unet_subfolder is not None and self.unet_repo is None:
+            raise ValueError(f"`unet_subfolder` needs `unet_repo`, got unet_subfolder={self.unet_subfolder!r}")
+        if self.native_size % 8 or not 8 <= self.native_size <= 2048:
+            raise ValueError(f"`native_size` must be a multiple of 8 in [8, 2048], got {self.native_size}")
+
+    @property
+    def ignores_negative_prompt(self) -> bool:
+        """True when no setting of this method runs classifier-free guidance, so a negative prompt has no effect."""
+        return self.guidance_mode != "cfg" or self.max_guidance <= 1
+
+    def cfg_at(self, guidance: float) -> bool:
+        """Whether a run at `guidance` does classifier-free guidance (diffusers: only when > 1 and no w-embedding)."""
+        return self.guidance_mode == "cfg" and guidance > 1
+
+    @property
+    def repos(self) -> tuple[str, ...]:
+        """Every Hub id or folder this method loads from, in load order."""
+        return tuple(r for r in (self.repo, self.unet_repo, self.lora_repo) if r is not None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base architecture and the methods that run on it, in the order a comparison shows them."""
+
+    name: str
+    label: str
+    methods: tuple[MethodSpec, ...] = field(default=())
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError(f"`name` must be a non-empty string, got {self.name!r}")
+        names = [m.name for m in self.methods]
+        if not names:
+            raise ValueError(f"`methods` must hold at least one method, got none for family {self.name!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"`methods` must have unique names, got {names} for family {self.name!r}")
+
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.methods)
+
+    def method(self, name: str) -> MethodSpec:
+        for spec in self.methods:
+            if spec.name == name:
+                return spec
+        raise ValueError(f"`method` must be one of {self.method_names} for family {self.name!r}, got {name!r}")
+
+    @property
+    def repos(self) -> tuple[str, ...]:
+        """Every Hub id or folder the family loads from, without repeats."""
+        return tuple(dict.fromkeys(r for m in self.methods for r in m.repos))
+
+
+# --- SDXL ---------------------------------------------------------------------------------------------
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
+_SDXL = dict(pipeline="StableDiffusionXLPipeline", variant="fp16", native_size=1024, fp16_unsafe_vae=True)
+
+SDXL = Family(
+    name="sdxl",
+    label="Stable Diffusion XL",
+    description="SDXL 1.0 base and its distilled variants (needs a GPU for sensible speed).",
+    methods=(
+        MethodSpec(
+            name="turbo", label="SDXL Turbo", repo="stabilityai/sdxl-turbo",
+            scheduler="euler_ancestral", scheduler_kwargs=(("timestep_spacing", "trailing"),),
+            steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
+            guidance_mode="none", licence=TURBO_LICENCE, **{**_SDXL, "native_size": 512},
+        ),
+        MethodSpec(
+            name="lcm", label="LCM", repo=SDXL_BASE, unet_repo="latent-consistency/lcm-sdxl", unet_variant="fp16",
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=8.0, min_guidance=1.0, max_guidance=15.0,
+            guidance_mode="embedding", **_SDXL,
+        ),
+        MethodSpec(
+            name="lcm-lora", label="LCM-LoRA", repo=SDXL_BASE,
+            lora_repo=SDXL_LCM_LORA, lora_weight_name="pytorch_lora_weights.safetensors",
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
+            **_SDXL,
+        ),
+        MethodSpec(
+            name="baseline", label="Baseline", repo=SDXL_BASE,
+            steps=50, guidance=5.0, min_guidance=1.0, max_guidance=15.0, **_SDXL,
+        ),
+    ),
+)
+
+# --- SD 1.5 -------------------------------------------------------------------------------------------
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/ is gone
+SD15_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+
+SD15 = Family(
+    name="sd15",
+    label="Stable Diffusion 1.5",
+    description="SD 1.5 with SD-Turbo (an SD 2.1 distillation), LCM Dreamshaper v7 and LCM-LoRA.",
+    methods=(
+        MethodSpec(
+            # SD-Turbo is distilled from SD 2.1: it shares no weights with SD 1.5.
+            name="turbo", label="SD-Turbo", pipeline="StableDiffusionPipeline", repo="stabilityai/sd-turbo",
+            variant="fp16", scheduler="default", scheduler_kwargs=(("timestep_spacing", "trailing"),),
+            steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
+            guidance_mode="none", native_size=512, licence=TURBO_LICENCE,
+        ),
+        MethodSpec(
+            # A full LCM pipeline (Dreamshaper v7 distilled); the repo ships fp32 files only.
+            name="lcm", label="LCM", pipeline="LatentConsistencyModelPipeline", repo="SimianLuo/LCM_Dreamshaper_v7",
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=8.0, min_guidance=1.0, max_guidance=15.0,
+            guidance_mode="embedding", native_size=768,
+        ),
+        MethodSpec(
+            name="lcm-lora", label="LCM-LoRA", pipeline="StableDiffusionPipeline", repo=SD15_BASE, variant="fp16",
+            lora_repo=SD15_LCM_LORA, lora_weight_name="pytorch_lora_weights.safetensors",
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
+            native_size=512,
+        ),
+        MethodSpec(
+            name="baseline", label="Baseline", pipeline="StableDiffusionPipeline", repo=SD15_BASE,
+            variant="fp16", steps=50, guidance=7.5, min_guidance=1.0, max_guidance=15.0, native_size=512,
+        ),
+    ),
+)
+
+# --- mini: the embedded miniature family, trained in fastgen/mini; weights ship inside the package ----
+_MINI = dict(pipeline="StableDiffusionPipeline", native_size=64)
+
+MINI = Family(
+    name="mini",
+    label="Mini (embedded, CPU)",
+    description="A 64x64 world of shapes trained for this project: runs in seconds on a CPU.",
+    methods=(
+        MethodSpec(
+            name="turbo", label="Turbo", repo=str(MINI_WEIGHTS / "turbo"),
+            scheduler="euler_ancestral", scheduler_kwargs=(("timestep_spacing", "trailing"),),
+            steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
+            guidance_mode="none", **_MINI,
+        ),
+        MethodSpec(
+            name="lcm", label="LCM", repo=str(MINI_WEIGHTS / "base"), unet_repo=str(MINI_WEIGHTS / "lcm"),
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=4.0, min_guidance=1.0, max_guidance=8.0,
+            guidance_mode="embedding", **_MINI,
+        ),
+        MethodSpec(
+            name="lcm-lora", label="LCM-LoRA", repo=str(MINI_WEIGHTS / "base"),
+            lora_repo=str(MINI_WEIGHTS / "lcm-lora"), lora_weight_name="pytorch_lora_weights.safetensors",
+            scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
+            **_MINI,
+        ),
+        MethodSpec(
+            name="baseline", label="Baseline", repo=str(MINI_WEIGHTS / "base"),
+            steps=50, guidance=4.0, min_guidance=1.0, max_guidance=10.0, **_MINI,
+        ),
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL, SD15, MINI)}
+
+
+def get_family(name: str | Family) -> Family:
+    """The registered family called `name` (a `Family` passes through, so callers accept either)."""
+    if isinstance(name, Family):
+        return name
+    if name not in FAMILIES:
+        raise ValueError(f"`family` must be one of {tuple(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, name: str | None = None) -> Family:
+    """A family whose baseline is `base` (a Hub id or local folder of an SDXL or SD 1.5 checkpoint in diffusers
+    layout), with the architecture's LCM-LoRA applied to it: LCM-LoRA as "turbo for any model".
+
+    `arch` picks the recipe ("sdxl" or "sd15"); `variant` is the weight variant to load ("fp16") if the
+    checkpoint ships one, None for plain file names.
+    """
+    if arch not in ("sdxl", "sd15"):
+        raise ValueError(f"`arch` must be one of ('sdxl', 'sd15'), got {arch!r}")
+    if not base:
+        raise ValueError(f"`base` must be a Hub id or a local folder, got {base!r}")
+    if base.startswith((".", "~")) or os.path.isdir(os.path.expanduser(base)):
+        base = os.path.abspath(os.path.expanduser(base))  # a folder on disk, not a Hub id
+    template = get_family(arch)
+    short = Path(base).name if os.path.isabs(base) else base
+    methods = tuple(
+        replace(template.method(m), repo=base, variant=variant, label=label)
+        for m, label in (("lcm-lora", "LCM-LoRA"), ("baseline", "Baseline"))
+    )
+    return Family(
+        name=name or f"{arch}:{base}",
+        label=f"{short} ({template.label})",
+        methods=methods,
+        description=f"{base} with {template.method('lcm-lora').lora_repo} applied on it.",
+    )
+
+
+def family_available(name: str | Family) -> bool:
+    """Whether the family's weights can be loaded now: present on disk or in the Hub cache, or downloadable
+    (the Hub is not switched off with HF_HUB_OFFLINE). Never imports torch."""
+    from fastgen import hub  # deferred: huggingface_hub is only needed once someone asks
+
+    family = get_family(name)
+    if not hub.missing_repos(family.methods):
+        return True
+    return not hub.offline() and not any(os.path.isabs(r) for r in hub.missing_repos(family.methods))

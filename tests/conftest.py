@@ -1,0 +1,62 @@
+"""Shared fixtures. Every test runs offline against a fake Hub cache (see tests/fakehub.py):
+
+    def test_something(fake_hub):      # the cache path; HF_HUB_CACHE points at it, HF_HUB_OFFLINE=1
+        Engine().run("sdxl", "turbo", "a red circle", width=64, height=64)
+
+The environment is set when this file is imported, before any test imports huggingface_hub or diffusers
+(both read it once at import), so no test can reach the Hub or the user's own cache.
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HUB = Path(tempfile.mkdtemp(prefix="fastgen-fakehub-"))
+os.environ["HF_HUB_CACHE"] = str(_HUB)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _point_libraries_at(cache: Path) -> None:
+    """In case a plugin imported them before this file: their constants were read at import."""
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as constants
+
+        constants.HF_HUB_CACHE = str(cache)
+        constants.HF_HUB_OFFLINE = True
+    if "diffusers" in sys.modules:
+        import diffusers.utils.constants
+
+        diffusers.utils.constants.HF_HUB_OFFLINE = True
+
+
+@pytest.fixture(scope="session")
+def fake_hub() -> Path:
+    """The fake Hub cache with the sdxl and sd15 repos, built once per session (about 10 s)."""
+    from tests.fakehub import build_fake_hub
+
+    if not (_HUB / ".built").exists():
+        build_fake_hub(_HUB)
+        (_HUB / ".built").touch()
+    _point_libraries_at(_HUB)
+    return _HUB
+
+
+@pytest.fixture(scope="session")
+def fake_mini(tmp_path_factory):
+    """The mini family's layout with random weights, as a registry Family pointing at it."""
+    from tests.fakehub import build_mini, mini_family
+
+    return mini_family(build_mini(tmp_path_factory.mktemp("mini-weights")))
+
+
+@pytest.fixture(scope="session")
+def engine(fake_hub):
+    """One CPU float32 engine shared by the tests that only read from it (its cache stays warm)."""
+    from fastgen.engine import Engine
+
+    return Engine(device="cpu")

@@ -205,27 +205,29 @@ def slider_images(board: Board | None, left: str | None, right: str | None):
     return tuple(images) if all(i is not None for i in images) else None
 
 
-def compare_api(engine: Engine, family: str):
+def compare_api(engine: Engine, default: str):
     """The `compare` API endpoint: keyword arguments in, the images and the results JSON out."""
 
     @gpu_task
-    def compare(prompt: str, seed: float = 0, negative_prompt: str = "", methods: list[str] | None = None,
-                width: float = 0, height: float = 0):
-        """Run the methods on one prompt and seed. width/height 0 = each method's native size."""
-        methods = list(methods or present.panel_methods(family))
+    def compare(prompt: str, seed: float = 0, negative_prompt: str | None = None, methods: list[str] | None = None,
+                width: float = 0, height: float = 0, family: str | None = None, steps: dict | None = None,
+                guidance: dict | None = None):
+        """Run `methods` (default: all) on one prompt and seed. width/height 0: each method's native size;
+        family None: the page's; steps/guidance: {method: value} for the methods to run off their defaults."""
+        family = family or default
         try:
+            methods = list(methods or present.panel_methods(family))
             comparison = engine.compare(family, prompt, methods, negative_prompt=negative_prompt or "",
-                                        seed=int(seed), width=int(width) or None, height=int(height) or None)
+                                        seed=int(seed), width=int(width) or None, height=int(height) or None,
+                                        steps=steps or None, guidance=guidance or None)
         except KNOWN_ERRORS as exc:
             raise gr.Error(str(exc)) from None
         except Exception:
             log.exception("compare failed: family=%s prompt=%r", family, prompt)
             raise gr.Error("Something went wrong on the server; the error has been logged.") from None
-        data = comparison.to_dict()
-        for result in data["results"]:
-            result.pop("image", None)
-        gallery = [(r.image, f"{r.label}: {r.steps} steps, {r.seconds:.2f} s") for r in comparison.results]
-        return gallery, data
+        gallery = [(r.image, f"{r.label}: {r.steps} steps, guidance {r.guidance:g}, {r.seconds:.2f} s")
+                   for r in comparison.results]
+        return gallery, comparison.to_dict()
 
     return compare
 
@@ -297,7 +299,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                       gr.Textbox(label="negative_prompt"),
                       gr.CheckboxGroup(present.panel_methods(family), value=present.panel_methods(family),
                                        label="methods"),
-                      gr.Number(0, label="width", precision=0), gr.Number(0, label="height", precision=0)]
+                      gr.Number(0, label="width", precision=0), gr.Number(0, label="height", precision=0),
+                      gr.Textbox("", label="family"), gr.JSON({}, label="steps"), gr.JSON({}, label="guidance")]
             api_out = [gr.Gallery(label="images"), gr.JSON(label="results")]
             api_button = gr.Button()
 

@@ -1,0 +1,85 @@
+"""The demo served for real on a free local port, called through gradio_client, with the real engine.
+
+The `mini` family points at random tiny weights (tests.fakehub.build_mini); `sdxl` loads from a fake Hub
+cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1) through the same from_pretrained calls users hit.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+import app
+from fastgen import registry
+from fastgen.engine import Engine
+from tests.fakehub import build_fake_hub, build_mini, mini_family
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app on 127.0.0.1:<free port>, opened on a fake mini family, with a fake SDXL Hub cache."""
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("app-client")
+    mp.setenv("HF_HUB_CACHE", str(build_fake_hub(root / "hub", families=("sdxl",))))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setitem(registry.FAMILIES, "mini", mini_family(build_mini(root / "mini")))
+    demo = app.create_demo(Engine(), family="mini")
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, demo
+    demo.close()
+    mp.undo()
+
+
+def test_compare_returns_four_images(served):
+    url, _ = served
+    images, results = Client(url, verbose=False).predict(prompt="a red circle", seed=0, api_name="/compare")
+    assert len(images) == 4
+    assert [r["method"] for r in results["results"]] == ["turbo", "lcm", "lcm-lora", "baseline"]
+    for item, result in zip(images, results["results"]):
+        assert Image.open(item["image"]).size == (64, 64) == (result["width"], result["height"])
+        assert result["label"] in item["caption"]
+    assert results["family"] == "mini" and results["seed"] == 0 and results["device"] == "cpu"
+
+
+def test_compare_keywords_reach_the_engine(served):
+    url, _ = served
+    asked_steps, asked_guidance = {"lcm": 2, "baseline": 3}, {"lcm-lora": 1.5, "baseline": 2.0}
+    images, results = Client(url, verbose=False).predict(
+        prompt="a red circle", seed=7, negative_prompt="blurry", methods=["turbo", "lcm", "lcm-lora", "baseline"],
+        width=64, height=64, family="sdxl", steps=asked_steps, guidance=asked_guidance, api_name="/compare")
+    assert len(images) == 4
+    by_method = {r["method"]: r for r in results["results"]}
+    sdxl = registry.get_family("sdxl")
+    for method, result in by_method.items():
+        assert result["steps"] == asked_steps.get(method, sdxl.method(method).steps)
+        assert result["guidance"] == asked_guidance.get(method, sdxl.method(method).guidance)
+        assert (result["width"], result["height"]) == (64, 64)
+    assert by_method["baseline"]["cfg"] is True and by_method["lcm-lora"]["cfg"] is True
+    assert by_method["lcm"]["cfg"] is False  # guidance is an embedding for LCM
+    assert results["negative_prompt"] == "blurry" and results["seed"] == 7
+
+
+def test_bad_input_is_an_error_with_the_engines_message(served):
+    url, _ = served
+    with pytest.raises(Exception, match=r"steps.*\[1, 8\]"):
+        Client(url, verbose=False).predict(prompt="a red circle", methods=["lcm"], steps={"lcm": 60},
+                                           api_name="/compare")
+
+
+def test_only_compare_is_public(served):
+    url, _ = served
+    info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
+    assert list(info["named_endpoints"]) == ["/compare"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/compare"]["parameters"]]
+    assert params[:6] == ["prompt", "seed", "negative_prompt", "methods", "width", "height"]

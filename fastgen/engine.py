@@ -1,0 +1,420 @@
+"""Run a comparison: validate -> load (through the shared cache) -> generate -> timings.
+
+    from fastgen.engine import Engine
+    comparison = Engine().compare("sdxl", "a red circle", seed=0)
+    comparison.grid().save("grid.png")
+
+Device and dtype are picked in `pick_device` / `pick_dtype` and nowhere else. A seed means
+`torch.Generator("cpu").manual_seed(seed)`, so on CPU in float32 each panel equals the plain diffusers recipe
+its `code` shows. Runs are serialised: one job uses the accelerator at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fastgen import hub
+from fastgen.cache import ComponentCache, component_class, default_budget
+from fastgen.hub import MissingWeightsError
+from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
+from fastgen.results import Comparison, MethodResult
+from fastgen.snippets import method_code
+
+__all__ = ["Engine", "MethodResult", "Comparison", "RunStopped", "WeightsMissingError", "default_family",
+           "pick_device", "pick_dtype", "MAX_SIZE", "MAX_SEED"]
+
+logger = logging.getLogger(__name__)
+
+MAX_SIZE = 2048  # pixels per side: past this SDXL on a 24 GB card runs out of memory, and no method was trained there
+MIN_SIZE = 64
+MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts any int, but the UI and results.json promise this range
+WeightsMissingError = MissingWeightsError
+OnStep = Callable[[str, int, int], None]
+
+
+class RunStopped(Exception):
+    """A run was stopped between two steps through its `stop` event."""
+
+
+# --- device and dtype: the one place they are chosen ------------------------------------------------------
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`device` must be one of cpu, cuda, cuda:N, mps, got {device!r}")
+    return device
+
+
+def pick_dtype(device: str, dtype=None):
+    """float32 on CPU (half precision is slow there and breaks the equal-to-the-recipe promise); float16 on
+    CUDA and MPS. The SDXL VAE overflows in float16: its `force_upcast` config makes diffusers decode in float32,
+    and the engine sets it where a checkpoint lacks it (see `Engine._vae_safe`)."""
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"`dtype` must be one of {tuple(names)}, got {dtype!r}")
+        return names[dtype]
+    if dtype not in names.values():
+        raise ValueError(f"`dtype` must be one of {tuple(names)}, got {dtype!r}")
+    return dtype
+
+
+def default_family() -> str:
+    """sdxl with CUDA; otherwise the embedded mini family if its weights are there; else the first available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "sdxl"
+    if family_available("mini"):
+        return "mini"
+    for name in FAMILIES:
+        if family_available(name):
+            return name
+    raise MissingWeightsError([r for f in FAMILIES.values() for r in f.repos], family="sdxl")
+
+
+# --- validation: a clear ValueError, never a silent fix -----------------------------------------------------
+
+def _check_int(name: str, value, low: int, high: int, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}]{what}, got {value!r}")
+    return value
+
+
+def check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+        raise ValueError(f"`{name}` must be a multiple of 8 in [{MIN_SIZE}, {MAX_SIZE}], got {value!r}")
+    return value
+
+
+def check_steps(spec: MethodSpec, steps) -> int:
+    return _check_int("steps", steps, spec.min_steps, spec.max_steps, f" for {spec.name}")
+
+
+def check_guidance(spec: MethodSpec, guidance) -> float:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
+        spec.min_guidance <= guidance <= spec.max_guidance
+    ):
+        raise ValueError(
+            f"`guidance` must be in [{spec.min_guidance:g}, {spec.max_guidance:g}] for {spec.name}, got {guidance!r}"
+        )
+    return float(guidance)
+
+
+def check_methods(family: Family, methods) -> list[str]:
+    methods = list(family.method_names if methods is None else methods)
+    if not methods:
+        raise ValueError(f"`methods` must name at least one of {family.method_names}, got an empty list")
+    for name in methods:
+        family.method(name)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"`methods` must not repeat a method, got {methods}")
+    return methods
+
+
+def _per_method(name: str, value, methods: list[str]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be a dict of method -> value, got {value!r}")
+    unknown = [m for m in value if m not in methods]
+    if unknown:
+        raise ValueError(f"`{name}` names methods that are not run: {unknown}; methods run: {methods}")
+    return value
+
+
+def _is_module(cls) -> bool:
+    import torch
+
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+
+# --- the engine -----------------------------------------------------------------------------------------
+
+class Engine:
+    """Loads methods through a shared `ComponentCache` and runs them with their recipes.
+
+    `memory_budget`: bytes (or "8GB") the cache may hold; default 80% of GPU memory on CUDA, of RAM on CPU.
+    """
+
+    def __init__(self, device: str | None = None, dtype=None, memory_budget: int | str | None = None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        budget = default_budget(self.device) if memory_budget is None else memory_budget
+        self.cache = ComponentCache(budget=budget, device=self.device)
+        self._schedulers: dict[tuple[str, str], object] = {}  # (family, method) -> its own scheduler
+        self._warm: set[tuple[str, str, int, int]] = set()
+        self._run_lock = threading.Lock()
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    # 1. Resolve the files --------------------------------------------------------------------------------
+    def _folder(self, repo: str, spec: MethodSpec, family: Family) -> Path:
+        folder = hub.local_folder(repo)
+        missing = hub.missing_files(spec)
+        if missing and not hub.offline() and not any(hub.is_local(r) for r in missing):
+            hub.download(hub.remote_plan([spec]))
+            folder, missing = hub.local_folder(repo), hub.missing_files(spec)
+        if missing or folder is None:
+            raise MissingWeightsError(missing or [repo], family=family.name if family.name in FAMILIES else None)
+        return folder
+
+    # 2. Assemble the method's pipeline from cached components ---------------------------------------------
+    def _pipeline(self, family: Family, spec: MethodSpec):
+        """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, its LoRA key."""
+        import diffusers
+
+        folder = self._folder(spec.repo, spec, family)
+        model_index = hub.read_json(folder / "model_index.json")
+        classes = hub.components(model_index)
+        user = f"{family.name}/{spec.name}"
+        plan = {}  # name -> (key, source, folder, files, class)
+        for name, source in hub.method_sources(spec, model_index).items():
+            if name in ("scheduler", "lora"):
+                continue
+            where = folder if source.repo == spec.repo else self._folder(source.repo, spec, family)
+            files = hub.select_files(hub.list_files(where), source)
+            if name in classes:
+                cls = component_class(*classes[name])
+            else:  # a UNet from another repo: its config names its class
+                config = hub.read_json(where / (f"{source.subfolder}/config.json" if source.subfolder else "config.json"))
+                cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
+            dtype = self.dtype if _is_module(cls) else None
+            plan[name] = (ComponentCache.key(source, where, files, dtype), source, where, files, cls)
+
+        pinned = {key for key, *_ in plan.values()}
+        parts = {}
+        for name, (key, source, where, files, cls) in plan.items():
+            load = lambda source=source, where=where, files=files, cls=cls: self._load(cls, where, source, files)
+            estimate = sum((where / f).stat().st_size for f in files) * self._widening(source, files)
+            parts[name] = self.cache.get(key, name, source.label, load, user, pinned, int(estimate))
+        if spec.fp16_unsafe_vae and "vae" in parts:
+            self._vae_safe(parts["vae"])
+        pipe = self._construct(getattr(diffusers, spec.pipeline), model_index, parts,
+                               self._scheduler(family, spec, folder))
+
+        lora_key = None
+        if spec.lora_repo is not None:
+            source = hub.Source(spec.lora_repo, None, None, spec.lora_weight_name)
+            where = self._folder(spec.lora_repo, spec, family)
+            files = hub.select_files(hub.list_files(where), source)
+            lora_digest = hub.content_key(where, files, None)
+
+            def load_lora(adapter):
+                pipe.load_lora_weights(str(where), weight_name=spec.lora_weight_name, adapter_name=adapter)
+
+            lora_key = self.cache.attach_lora(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned)
+        return pipe, sorted(pinned), lora_key
+
+    @staticmethod
+    def _construct(pipeline_cls, model_index: dict, parts: dict, scheduler):
+        """The pipeline object over cached modules: what from_pretrained builds, minus the loading. Empty
+        slots (safety_checker: [null, null]) stay None; flags such as requires_safety_checker come from
+        model_index.json."""
+        accepted = inspect.signature(pipeline_cls.__init__).parameters
+        kwargs = {name: None for name in model_index if name in accepted and isinstance(model_index[name], list)}
+        kwargs.update({k: v for k, v in model_index.items() if k in accepted and not isinstance(v, list)})
+        kwargs.update(parts, scheduler=scheduler)
+        pipe = pipeline_cls(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _load(self, cls, folder: Path, source: hub.Source, files: list[str]):
+        kwargs = {"subfolder": source.subfolder} if source.subfolder else {}
+        if not _is_module(cls):  # tokenizers, image processors
+            return cls.from_pretrained(folder, **kwargs)
+        variant = source.variant if any(hub.weight_variant(f) == source.variant for f in files) else None
+        return cls.from_pretrained(folder, variant=variant, dtype=self.dtype, **kwargs).to(self.device)
+
+    def _widening(self, source: hub.Source, files: list[str]) -> float:
+        """Memory per byte on disk: fp16 files loaded in float32 take twice their size."""
+        half_files = any(hub.weight_variant(f) in ("fp16", "bf16") for f in files)
+        return 2.0 if half_files and self.dtype_name == "float32" else 1.0
+
+    def _vae_safe(self, vae) -> None:
+        if self.dtype_name != "float32" and not vae.config.get("force_upcast", False):
+            logger.info("the SDXL VAE overflows in %s: decoding in float32 (force_upcast)", self.dtype_name)
+            vae.register_to_config(force_upcast=True)
+
+    def _scheduler(self, family: Family, spec: MethodSpec, folder: Path):
+        """This method's own scheduler instance: schedulers hold per-run state and are not thread-safe."""
+        key = (family.name, spec.name)
+        if key not in self._schedulers:
+            import diffusers
+
+            config = hub.read_json(folder / "scheduler" / "scheduler_config.json")
+            cls = getattr(diffusers, SCHEDULERS[spec.scheduler] or config["_class_name"])
+            base = getattr(diffusers, config["_class_name"]).from_pretrained(folder, subfolder="scheduler")
+            self._schedulers[key] = cls.from_config(base.config, **dict(spec.scheduler_kwargs))
+        return self._schedulers[key]
+
+    # 3. Generate ----------------------------------------------------------------------------------------------
+    def run(self, family: str | Family, method: str, prompt: str, *, negative_prompt: str = "", seed: int = 0,
+            width: int | None = None, height: int | None = None, steps: int | None = None,
+            guidance: float | None = None, on_step: OnStep | None = None,
+            stop: threading.Event | None = None) -> MethodResult:
+        """Generate one panel. Raises ValueError on bad input, WeightsMissingError, or RunStopped."""
+        family = get_family(family)
+        spec = family.method(method)
+        width = check_size("width", spec.native_size if width is None else width)
+        height = check_size("height", spec.native_size if height is None else height)
+        steps = check_steps(spec, spec.steps if steps is None else steps)
+        guidance = check_guidance(spec, spec.guidance if guidance is None else guidance)
+        _check_int("seed", seed, 0, MAX_SEED)
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise ValueError(f"`prompt` and `negative_prompt` must be strings, got {prompt!r}, {negative_prompt!r}")
+        with self._run_lock:
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"{spec.name} stopped before it started")
+            start = time.perf_counter()
+            pipe, keys, lora_key = self._pipeline(family, spec)
+            with self.cache.hold(keys), (self.cache.lora_active(lora_key) if lora_key else contextlib.nullcontext()):
+                args = dict(pipe=pipe, spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                            width=width, height=height, steps=steps, guidance=guidance)
+                warm_key = (family.name, spec.name, width, height)
+                if self.device != "cpu" and warm_key not in self._warm:  # first CUDA run pays kernel selection
+                    self._generate(**{**args, "steps": spec.min_steps}, on_step=None, stop=stop)
+                    self._warm.add(warm_key)
+                load_seconds = time.perf_counter() - start
+                image, timings, loop_steps, flagged = self._generate(**args, on_step=on_step, stop=stop)
+        cfg = spec.cfg_at(guidance)
+        scheduler = pipe.scheduler
+        return MethodResult(
+            method=spec.name, label=spec.label, image=image, steps=steps, guidance=guidance, cfg=cfg,
+            scheduler=type(scheduler).__name__, timestep_spacing=scheduler.config.get("timestep_spacing"),
+            width=width, height=height, seconds=round(sum(timings.values()), 4),
+            load_seconds=round(load_seconds, 4), timings={k: round(v, 4) for k, v in timings.items()},
+            steps_per_second=round(loop_steps / max(timings["denoising"], 1e-9), 3),
+            warnings=self._warnings(pipe, spec, prompt, negative_prompt, cfg, width, height, flagged),
+            code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                             guidance=guidance, width=width, height=height, device=self.device,
+                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__),
+            licence=spec.licence,
+        )
+
+    def _generate(self, pipe, spec, prompt, negative_prompt, seed, width, height, steps, guidance, on_step, stop):
+        """One pipeline call, timed at the step boundaries: text encoding runs until the UNet's first call,
+        denoising until the last step's callback, decoding (VAE, safety checker, to PIL) after it."""
+        import torch
+
+        marks = {}
+
+        def sync():
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+
+        def first_unet_call(module, args):
+            if "denoise" not in marks:
+                sync()
+                marks["denoise"] = time.perf_counter()
+
+        def step_end(pipeline, i, t, tensors):
+            total = pipeline.num_timesteps
+            if i + 1 == total:
+                sync()
+                marks["decode"] = time.perf_counter()
+            marks["steps"] = i + 1
+            if on_step is not None:
+                on_step(spec.name, i + 1, total)
+            if stop is not None and stop.is_set():
+                # diffusers' `interrupt` would still decode, and LatentConsistencyModelPipeline has none
+                raise RunStopped(f"{spec.name} stopped after step {i + 1} of {total}")
+            return tensors
+
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                      generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=step_end)
+        if spec.cfg_at(guidance) and negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
+        hook = pipe.unet.register_forward_pre_hook(first_unet_call)
+        try:
+            sync()
+            start = time.perf_counter()
+            output = pipe(prompt, **kwargs)
+            sync()
+            end = time.perf_counter()
+        finally:
+            hook.remove()
+        timings = {
+            "text_encoding": marks["denoise"] - start,
+            "denoising": marks["decode"] - marks["denoise"],
+            "decoding": end - marks["decode"],
+        }
+        flagged = bool(getattr(output, "nsfw_content_detected", None) and any(output.nsfw_content_detected))
+        return output.images[0], timings, marks["steps"], flagged
+
+    @staticmethod
+    def _warnings(pipe, spec, prompt, negative_prompt, cfg, width, height, flagged) -> list[str]:
+        warnings = []
+        tokenizer = pipe.tokenizer
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt if cfg else "")):
+            count = len(tokenizer(text).input_ids)
+            if count > tokenizer.model_max_length:
+                warnings.append(f"{name} truncated: {count} tokens, the text encoder reads the first "
+                                f"{tokenizer.model_max_length}")
+        if negative_prompt and not cfg:
+            why = (f"{spec.label} runs without classifier-free guidance" if spec.ignores_negative_prompt
+                   else "classifier-free guidance is off at guidance <= 1")
+            warnings.append(f"negative prompt ignored: {why}")
+        if (width, height) != (spec.native_size, spec.native_size):
+            warnings.append(f"{spec.label} was trained at {spec.native_size}x{spec.native_size}; "
+                            f"{width}x{height} may look worse")
+        if flagged:
+            warnings.append("the safety checker flagged this image and replaced it with a black one")
+        return warnings
+
+    # 4. Compare ----------------------------------------------------------------------------------------------
+    def iter_compare(self, family: str | Family, prompt: str, methods: list[str] | None = None, *,
+                     negative_prompt: str = "", seed: int = 0, width: int | None = None,
+                     height: int | None = None, steps: dict[str, int] | None = None,
+                     guidance: dict[str, float] | None = None, on_step: OnStep | None = None,
+                     stop: threading.Event | None = None) -> Iterator[MethodResult]:
+        """Run `methods` (default: all of the family's, in its order) on one prompt and seed; yield each result
+        as it is ready. Every argument is checked before the first run starts."""
+        family = get_family(family)
+        methods = check_methods(family, methods)
+        steps = _per_method("steps", steps, methods)
+        guidance = _per_method("guidance", guidance, methods)
+        for name in methods:
+            spec = family.method(name)
+            check_size("width", spec.native_size if width is None else width)
+            check_size("height", spec.native_size if height is None else height)
+            if name in steps:
+                check_steps(spec, steps[name])
+            if name in guidance:
+                check_guidance(spec, guidance[name])
+        _check_int("seed", seed, 0, MAX_SEED)
+        for name in methods:
+            yield self.run(family, name, prompt, negative_prompt=negative_prompt, seed=seed, width=width,
+                           height=height, steps=steps.get(name), guidance=guidance.get(name), on_step=on_step,
+                           stop=stop)
+
+    def compare(self, family: str | Family, prompt: str, methods: list[str] | None = None, **kwargs) -> Comparison:
+        family = get_family(family)
+        results = list(self.iter_compare(family, prompt, methods, **kwargs))
+        return self.comparison(family, prompt, results, negative_prompt=kwargs.get("negative_prompt", ""),
+                               seed=kwargs.get("seed", 0))
+
+    def comparison(self, family: str | Family, prompt: str, results: list[MethodResult], *,
+                   negative_prompt: str = "", seed: int = 0) -> Comparison:
+        """Gather results (from `iter_compare`) into a Comparison with the cache report for their methods."""
+        family = get_family(family)
+        users = [f"{family.name}/{r.method}" for r in results]
+        return Comparison(family=family.name, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                          device=self.device, dtype=self.dtype_name, results=results,
+                          cache=self.cache.report(users))

@@ -1,0 +1,92 @@
+"""What a run returns: one `MethodResult` per panel, gathered in a `Comparison` (results.json and the grid)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+@dataclass
+class MethodResult:
+    method: str
+    label: str
+    image: Image.Image
+    steps: int
+    guidance: float
+    cfg: bool  # classifier-free guidance on: two UNet passes per step
+    scheduler: str  # class name
+    timestep_spacing: str | None
+    width: int
+    height: int
+    seconds: float  # generation alone: text encoding + denoising + decoding
+    load_seconds: float  # loading (and on CUDA, the first-run warm-up) before it, 0.0 when all was cached
+    timings: dict[str, float]  # text_encoding, denoising, decoding
+    steps_per_second: float
+    warnings: list[str] = field(default_factory=list)
+    code: str = ""  # a runnable diffusers snippet that reproduces the image
+    licence: str | None = None
+
+    def to_dict(self, image: str | None = None) -> dict:
+        """JSON-safe fields; `image` is the file name the image was saved under (default `<method>.png`)."""
+        data = {k: v for k, v in asdict(self).items() if k != "image"}
+        data["image"] = image or f"{self.method}.png"
+        return data
+
+
+@dataclass
+class Comparison:
+    family: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    device: str
+    dtype: str
+    results: list[MethodResult]
+    cache: list[dict]  # ComponentCache.report() rows for the components these methods used
+
+    def result(self, method: str) -> MethodResult:
+        for result in self.results:
+            if result.method == method:
+                return result
+        raise ValueError(f"`method` must be one of {[r.method for r in self.results]}, got {method!r}")
+
+    def speedup(self, method: str) -> float | None:
+        """How many times faster than the baseline `method` generated (None without a baseline run)."""
+        if not any(r.method == "baseline" for r in self.results):
+            return None
+        return self.result("baseline").seconds / max(self.result(method).seconds, 1e-9)
+
+    def to_dict(self) -> dict:
+        """The results.json shape: family, prompt, seed, device, dtype, results, cache.components."""
+        results = []
+        for r in self.results:
+            row = r.to_dict()
+            row["speedup"] = self.speedup(r.method)
+            results.append(row)
+        return {
+            "family": self.family, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "seed": self.seed, "device": self.device, "dtype": self.dtype, "results": results,
+            "cache": {"components": self.cache},
+        }
+
+    def grid(self) -> Image.Image:
+        """The panels side by side, each captioned with its label, steps, guidance and time."""
+        font = ImageFont.load_default()
+        line = 14
+        captions = [
+            [r.label, f"{r.steps} steps, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
+             (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != "baseline" else "")]
+            for r in self.results
+        ]
+        widths = [max(r.image.width, 8 + max(int(font.getlength(t)) for t in c)) for r, c in zip(self.results, captions)]
+        height = max(r.image.height for r in self.results) + line * 3 + 8
+        grid = Image.new("RGB", (sum(widths) + 4 * (len(widths) + 1), height), "white")
+        draw = ImageDraw.Draw(grid)
+        x = 4
+        for result, caption, width in zip(self.results, captions, widths):
+            grid.paste(result.image.convert("RGB"), (x + (width - result.image.width) // 2, 0))
+            for i, text in enumerate(caption):
+                draw.text((x + 4, result.image.height + 4 + i * line), text, fill="black", font=font)
+            x += width + 4
+        return grid

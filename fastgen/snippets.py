@@ -1,0 +1,43 @@
+"""The short, plain diffusers program that reproduces one panel: what a user copies out of the UI."""
+
+from __future__ import annotations
+
+from fastgen.registry import SCHEDULERS, MethodSpec
+
+
+def _args(*pairs) -> str:
+    return ", ".join(f"{k}={v!r}" if not isinstance(v, _Raw) else f"{k}={v}" for k, v in pairs if v is not None)
+
+
+class _Raw(str):
+    """Emitted as written (an expression), not as a string literal."""
+
+
+def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
+                width: int, height: int, device: str, dtype: str, scheduler_class: str) -> str:
+    dtype_expr = _Raw(f"torch.{dtype}")
+    imports = {spec.pipeline}
+    lines = []
+    load = [("variant", spec.variant), ("dtype", dtype_expr)]
+    if spec.unet_repo is not None:
+        imports.add("UNet2DConditionModel")
+        unet_args = _args(("subfolder", spec.unet_subfolder), ("variant", spec.unet_variant), ("dtype", dtype_expr))
+        lines.append(f"unet = UNet2DConditionModel.from_pretrained({spec.unet_repo!r}, {unet_args})")
+        load.insert(0, ("unet", _Raw("unet")))
+    lines.append(f"pipe = {spec.pipeline}.from_pretrained({spec.repo!r}, {_args(*load)}).to({device!r})")
+    if spec.scheduler != "default" or spec.scheduler_kwargs:
+        cls = SCHEDULERS[spec.scheduler] or scheduler_class
+        imports.add(cls)
+        extra = "".join(f", {k}={v!r}" for k, v in spec.scheduler_kwargs)
+        lines.append(f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{extra})")
+    if spec.lora_repo is not None:
+        lora = _args(("weight_name", spec.lora_weight_name), ("adapter_name", "lcm"))
+        lines.append(f"pipe.load_lora_weights({spec.lora_repo!r}, {lora})")
+    call = [("num_inference_steps", steps), ("guidance_scale", float(guidance)), ("width", width), ("height", height)]
+    if spec.cfg_at(guidance) and negative_prompt:
+        call.insert(0, ("negative_prompt", negative_prompt))
+    call.append(("generator", _Raw(f'torch.Generator("cpu").manual_seed({seed})')))
+    lines.append(f"image = pipe({prompt!r}, {_args(*call)}).images[0]")
+    lines.append(f'image.save("{spec.name}.png")')
+    header = ["import torch", f"from diffusers import {', '.join(sorted(imports))}", ""]
+    return "\n".join(header + lines) + "\n"

@@ -1,0 +1,185 @@
+"""Command line: compare methods side by side, or download a family's weights.
+
+    python -m fastgen compare "a red circle" --family sdxl --size 64x64 --out out/
+    python -m fastgen download --family sdxl --dry-run
+
+One function per subcommand; `main(argv)` dispatches on `args.command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fastgen.registry import FAMILIES, custom_family, get_family
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text == "native":
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be WxH (like 512x512) or native, got {text!r}") from None
+    return width, height
+
+
+def _pairs(cast):
+    def parse(text: str):
+        method, sep, value = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected METHOD=VALUE (like baseline=25), got {text!r}")
+        try:
+            return method, cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a valid {cast.__name__} in {text!r}") from None
+
+    return parse
+
+
+def _family(args):
+    if args.base:
+        return custom_family(args.base, arch=args.family or "sdxl", variant=args.variant)
+    if args.family is None:
+        from fastgen.engine import default_family
+
+        return get_family(default_family())
+    return get_family(args.family)
+
+
+def _progress(stream=sys.stderr):
+    """A one-line progress bar on stderr: method, step/total."""
+
+    def on_step(method: str, step: int, total: int) -> None:
+        filled = int(20 * step / total)
+        stream.write(f"\r{method:>9} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total}")
+        if step == total:
+            stream.write("\n")
+        stream.flush()
+
+    return on_step
+
+
+def compare(args) -> int:
+    from fastgen.engine import Engine
+
+    family = _family(args)
+    methods = args.methods.split(",") if args.methods else None
+    width, height = args.size or (None, None)
+    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
+    comparison = engine.compare(
+        family, args.prompt, methods, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
+        steps=dict(args.steps) or None, guidance=dict(args.guidance) or None, on_step=_progress(),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for result in comparison.results:
+        result.image.save(out / f"{result.method}.png")
+    comparison.grid().save(out / "grid.png")
+    (out / "results.json").write_text(json.dumps(comparison.to_dict(), indent=2))
+    for result in comparison.results:
+        speedup = comparison.speedup(result.method)
+        extra = f"  {speedup:.1f}x baseline" if speedup and result.method != "baseline" else ""
+        print(f"{result.label:>16}: {result.steps:>3} steps  {result.seconds:7.2f} s{extra}")
+        for warning in result.warnings:
+            print(f"{'':>18}warning: {warning}")
+    print(f"wrote {len(comparison.results)} images, grid.png and results.json to {out}")
+    return 0
+
+
+def download(args) -> int:
+    from fastgen import hub
+
+    family = _family(args)
+    local = [m for m in family.methods if all(hub.is_local(r) for r in m.repos)]
+    missing = hub.missing_repos(local)
+    if local:
+        state = f"missing: {', '.join(missing)} (the mini family's are trained in fastgen/mini)" if missing else "present"
+        print(f"{family.name}: weights on disk, nothing to download ({state})")
+    specs = [m for m in family.methods if m not in local]
+    if not specs:
+        return 1 if missing else 0
+    if hub.offline():
+        print("HF_HUB_OFFLINE is set: cannot reach the Hub to download", file=sys.stderr)
+        return 1
+    plan = hub.remote_plan(specs)
+    total = sum(size for *_, size in plan)
+    print(f"{family.name}: {len(plan)} files, {total / 1e9:.2f} GB in total")
+    for repo, name, size in plan:
+        print(f"  {size / 1e6:10.1f} MB  {repo}/{name}")
+    if args.dry_run:
+        return 0
+    hub.download(plan)
+    print(f"downloaded to {hub.cache_dir()}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from fastgen.mini import evaluate as mini_evaluate  # deferred: the mini family's own module
+
+    return mini_evaluate.main(args) or 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__.split("\n\n")[0])
+    root.add_argument("-v", "--verbose", action="store_true", help="log what loads and what is evicted")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def family_options(p, default=None):
+        p.add_argument("--family", choices=list(FAMILIES), default=default,
+                       help="model family (default: sdxl with CUDA, else mini); with --base, its architecture")
+        p.add_argument("--base", help="a custom SDXL/SD1.5 checkpoint (Hub id or folder) as baseline, "
+                                      "with LCM-LoRA applied on it")
+        p.add_argument("--variant", help="weight variant of --base (e.g. fp16), if it ships one")
+
+    p = commands.add_parser("compare", help="run methods on one prompt and seed, side by side")
+    p.add_argument("prompt")
+    family_options(p)
+    p.add_argument("--methods", help="comma-separated, in order (default: turbo,lcm,lcm-lora,baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=None, help="WxH for every method, or native (default)")
+    p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
+    p.add_argument("--guidance", type=_pairs(float), action="append", default=[], metavar="METHOD=G")
+    p.add_argument("--negative", default="", help="negative prompt (ignored by methods without CFG)")
+    p.add_argument("--out", default="out", help="folder for <method>.png, grid.png, results.json")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
+    p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+    p.set_defaults(run=compare)
+
+    p = commands.add_parser("download", help="fetch only the files a family needs")
+    family_options(p)
+    p.add_argument("--dry-run", action="store_true", help="list the files and the total size, download nothing")
+    p.set_defaults(run=download)
+
+    p = commands.add_parser("evaluate", help="score a mini-family method on a prompt set")
+    p.add_argument("--family", default="mini")
+    p.add_argument("--method")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=evaluate)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad input and missing weights: a message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

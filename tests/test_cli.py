@@ -1,0 +1,135 @@
+"""`python -m fastgen compare` and `download` end to end against the fake Hub."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fastgen import hub
+from fastgen.__main__ import main, parser
+from tests.fakehub import SDXL_BASE
+from tests.test_engine import assert_same_image, recipe_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compare_writes_images_grid_and_results(fake_hub, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastgen", "compare", "a red circle", "--family", "sdxl", "--size", "64x64",
+               "--steps", "baseline=3", "--guidance", "lcm=6.5", "--negative", "blue", "--seed", "5",
+               "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "4/4" in done.stderr and "3/3" in done.stderr  # the progress bar, on stderr
+    assert "SDXL Turbo" in done.stdout and "results.json" in done.stdout
+
+    data = json.loads((out / "results.json").read_text())
+    assert (data["family"], data["prompt"], data["seed"], data["device"], data["dtype"]) == (
+        "sdxl", "a red circle", 5, "cpu", "float32")
+    assert [r["method"] for r in data["results"]] == ["turbo", "lcm", "lcm-lora", "baseline"]
+    for row in data["results"]:
+        assert {"method", "steps", "guidance", "cfg", "scheduler", "timestep_spacing", "width", "height",
+                "seconds", "image", "code"} <= set(row)
+        assert (row["width"], row["height"], row["image"]) == (64, 64, f"{row['method']}.png")
+        expected = recipe_image("sdxl", row["method"], row["steps"], row["guidance"],
+                                "blue" if row["cfg"] else None, seed=5)
+        assert_same_image(Image.open(out / row["image"]), expected)
+    lcm = data["results"][1]
+    assert (lcm["guidance"], lcm["cfg"], lcm["scheduler"]) == (6.5, False, "LCMScheduler")
+    assert data["results"][3]["steps"] == 3 and data["results"][3]["cfg"] is True
+
+    components = data["cache"]["components"]
+    assert all(set(c) >= {"id", "kind", "bytes", "used_by"} for c in components)
+    base_unet = [c for c in components if c["kind"] == "unet" and f"{SDXL_BASE}/unet" in c["sources"]]
+    assert [c["used_by"] for c in base_unet] == [["lcm-lora", "baseline"]]
+    for kind in ("text_encoder", "text_encoder_2", "vae"):
+        assert len([c for c in components if c["kind"] == kind]) == 1
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 4 * 64 and grid.height > 64
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "turbo,hyper"], "`method` must be one of"),
+        (["--steps", "lcm=60", "--methods", "lcm"], r"[1, 8]"),
+        (["--size", "100x100"], "multiple of 8"),
+        (["--seed", "-3"], "`seed` must be an integer in [0, 4294967295]"),
+    ],
+)
+def test_bad_input_exits_with_a_message(fake_hub, tmp_path, capsys, argv, message):
+    code = main(["compare", "x", "--family", "sdxl", "--out", str(tmp_path), *argv])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unparseable_options_are_usage_errors(capsys):
+    for argv in (["compare", "x", "--size", "big"], ["compare", "x", "--steps", "lcm"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    assert "METHOD=VALUE" in capsys.readouterr().err
+
+
+def test_missing_weights_name_the_download_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert main(["compare", "x", "--family", "sd15", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "stabilityai/sd-turbo" in err and "python -m fastgen download --family sd15" in err
+
+
+class FakeApi:
+    """HfApi.model_info over the fake Hub, with the extra files real repos carry."""
+
+    extras = {SDXL_BASE: ["sd_xl_base_1.0.safetensors", "unet/diffusion_pytorch_model.fp16.bin",
+                          "unet/openvino_model.xml", "README.md"]}
+
+    def model_info(self, repo, files_metadata=False):
+        from types import SimpleNamespace
+
+        folder = hub.local_folder(repo)
+        files = [(f, (folder / f).stat().st_size) for f in hub.list_files(folder)]
+        files += [(f, 10**9) for f in self.extras.get(repo, [])]
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=f, size=s) for f, s in files])
+
+
+def test_download_fetches_only_the_needed_files(fake_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # huggingface_hub itself stays offline: model_info is faked
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    fetched = []
+    monkeypatch.setattr(hub, "download", fetched.extend)
+    assert main(["download", "--family", "sdxl", "--dry-run"]) == 0
+    assert not fetched
+    out = capsys.readouterr().out
+    total_line = out.splitlines()[0]
+    assert total_line.startswith("sdxl: ") and "GB in total" in total_line
+    listed = [line.split()[-1] for line in out.splitlines()[1:]]
+    assert f"{SDXL_BASE}/unet/diffusion_pytorch_model.fp16.safetensors" in listed
+    assert f"{SDXL_BASE}/tokenizer_2/merges.txt" in listed and f"{SDXL_BASE}/model_index.json" in listed
+    assert "latent-consistency/lcm-sdxl/diffusion_pytorch_model.fp16.safetensors" in listed
+    assert "latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors" in listed
+    assert not [f for f in listed if f.endswith(("model.safetensors", ".bin", ".xml", "README.md"))
+                and ".fp16." not in f and "lora" not in f]
+    assert not [f for f in listed if "sd_xl_base_1.0" in f or f.endswith(".fp16.bin")]
+
+    assert main(["download", "--family", "sdxl"]) == 0
+    assert sorted(f"{r}/{n}" for r, n, _ in fetched) == sorted(listed)
+
+
+def test_download_offline_and_local_families(fake_mini, monkeypatch, capsys):
+    assert main(["download", "--family", "sd15"]) == 1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    monkeypatch.setattr("fastgen.__main__.get_family", lambda name: fake_mini)
+    assert main(["download", "--family", "mini"]) == 0
+    assert "nothing to download (present)" in capsys.readouterr().out
+
+
+def test_evaluate_is_registered():
+    args = parser().parse_args(["evaluate", "--method", "lcm", "--steps", "2", "--guidance", "3", "--prompts",
+                                "p.txt", "--seed", "1"])
+    assert (args.family, args.method, args.steps, args.guidance, args.prompts, args.seed) == (
+        "mini", "lcm", 2, 3.0, "p.txt", 1)

@@ -287,7 +287,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
             with gr.Row():
                 left = gr.Dropdown([], label="Left", scale=1)
                 right = gr.Dropdown([], label="Right", scale=1)
-            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384,
+            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384, elem_classes="fg-compare",
                                     slider_position=50)
         with gr.Row():
             grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)

@@ -1,0 +1,111 @@
+"""The demo in a real browser: headless Debian Chromium driven by Playwright.
+
+Types a prompt, clicks Generate, waits for the four panels and checks their captions; saves a screenshot
+(to FASTGEN_SCREENSHOT if set, e.g. docs/screenshot.png, else into the test's tmp folder). Runs on the
+shipped mini weights when they are in the checkout, else on random tiny ones of the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+import app
+from fastgen import registry
+from fastgen.engine import Engine
+from tests.fakehub import build_mini, mini_family
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "a large yellow triangle on a purple background"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    if not (registry.MINI_WEIGHTS / "base" / "model_index.json").exists():
+        mp.setitem(registry.FAMILIES, "mini", mini_family(build_mini(tmp_path_factory.mktemp("mini"))))
+    demo = app.create_demo(Engine(), family="mini")
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def panel(page, label: str):
+    """A panel located by its title (### Turbo, ### LCM, ...)."""
+    return page.locator(".fg-panel").filter(has=page.get_by_role("heading", name=label, exact=True))
+
+
+def test_generate_fills_four_panels(page, tmp_path):
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    page.get_by_role("button", name="Generate").click()
+    # Done when every panel shows an image and the baseline, which runs last, has its caption.
+    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 4", timeout=90_000)
+    baseline = panel(page, "Baseline")
+    playwright.expect(baseline.locator(".block.fg-caption")).to_contain_text("reference", timeout=90_000)
+    playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+
+    captions = {label: panel(page, label).locator(".block.fg-caption").inner_text()
+                for label in ("Turbo", "LCM", "LCM-LoRA", "Baseline")}
+    assert re.search(r"\b1 step\b.*CFG off", captions["Turbo"])
+    assert re.search(r"\b4 steps\b.*CFG off", captions["LCM"])
+    assert re.search(r"\b4 steps\b.*guidance 1\b.*CFG off", captions["LCM-LoRA"])
+    assert re.search(r"\b50 steps\b.*CFG on", captions["Baseline"])
+    for label in ("Turbo", "LCM", "LCM-LoRA"):
+        assert re.search(r"[\d.]+× faster", captions[label]), captions[label]
+        assert "steps/s" in captions[label]
+    # The compare slider defaults to the fastest panel against the baseline; downloads are offered.
+    assert page.locator(".fg-compare img").count() == 2
+    playwright.expect(page.get_by_role("button", name=re.compile("Download grid"))).to_be_visible()
+
+    target = Path(os.environ.get("FASTGEN_SCREENSHOT") or tmp_path / "screenshot.png")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
+    if os.environ.get("CI"):
+        shutil.copy(target, tmp_path / "screenshot.png")  # kept with pytest's tmp folders
+
+
+def test_slider_reruns_one_panel_and_stop_keeps_the_rest(page):
+    """Changing the baseline's steps reruns only the baseline; Stop ends it between steps."""
+    turbo_image = panel(page, "Turbo").locator(".fg-image img").get_attribute("src")
+    steps = panel(page, "Baseline").get_by_label("number input for Steps")
+    steps.fill("100")
+    steps.blur()  # the number box sends the slider's release event when it loses focus
+    baseline = panel(page, "Baseline")
+    playwright.expect(baseline.locator(".fg-running")).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Stop").click()
+    playwright.expect(baseline.locator(".fg-stopped")).to_contain_text("Stopped", timeout=30_000)
+    playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    assert panel(page, "Turbo").locator(".fg-image img").get_attribute("src") == turbo_image
+    playwright.expect(panel(page, "Turbo").locator(".block.fg-caption")).to_contain_text("1 step")

@@ -75,7 +75,7 @@ class Comparison:
         font = ImageFont.load_default()
         line = 14
         captions = [
-            [r.label, f"{r.steps} steps, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
+            [r.label, f"{r.steps} step{'s' * (r.steps != 1)}, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
              (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != "baseline" else "")]
             for r in self.results
         ]

@@ -10,6 +10,14 @@ shows (captions, progress, run order, exports) is decided in fastgen.present.
 
 from __future__ import annotations
 
+try:  # On a ZeroGPU Space, `spaces` must be imported before torch touches CUDA; model work then runs in
+    import spaces  # its @spaces.GPU calls. Elsewhere the package is absent and model work runs in place.
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:
+    def gpu_task(fn):
+        return fn
+
 import argparse
 import logging
 import os
@@ -38,15 +46,6 @@ PANEL_OUTPUTS = ("image", "status", "caption", "code")
 RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
 OUTPUT_NAMES = [f"{m}.{o}" for m in PANEL_ORDER for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
 
-try:  # On a ZeroGPU Space, model work must run inside @spaces.GPU; elsewhere this is a no-op.
-    import spaces
-
-    gpu_task = spaces.GPU(duration=120)
-except ImportError:
-    def gpu_task(fn):
-        return fn
-
-
 def example_prompts(family: str) -> list[str]:
     """The prompt set the UI offers for a family: examples/prompts/<family>.txt, one prompt a line."""
     folder = Path(__file__).parent / "examples" / "prompts"
@@ -60,8 +59,11 @@ class Runs:
     """The event functions that touch the engine. Each yields the full output list (gr.skip() where a
     component does not change); see OUTPUT_NAMES for its order."""
 
-    def __init__(self, engine: Engine, export_dir: Path):
+    def __init__(self, engine: Engine, export_dir: Path | None = None):
         self.engine = engine
+        if export_dir is None:  # removed with this object (at the latest when the server exits)
+            self._exports = tempfile.TemporaryDirectory(prefix="fastgen-exports-")
+            export_dir = Path(self._exports.name)
         self.export_dir = export_dir
         self.switches = present.StopSwitches()
 
@@ -252,8 +254,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
     """Build the page. Nothing loads here: weights load on the first Generate, through the engine's cache."""
     engine = engine or Engine()
     family, notice = pick_family(family)
-    export_dir = Path(tempfile.mkdtemp(prefix="fastgen-exports-"))
-    runs = Runs(engine, export_dir)
+    runs = Runs(engine)
     selectable = [(f.label, name) for name, f in FAMILIES.items() if name == family or family_available(name)]
 
     with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE)) as demo:

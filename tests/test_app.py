@@ -76,6 +76,11 @@ class FakeEngine:
         for m in methods:
             yield self.run(family, m, prompt, steps=(steps or {}).get(m), guidance=(guidance or {}).get(m), **kw)
 
+    def compare(self, family, prompt, methods=None, **kw):
+        results = list(self.iter_compare(family, prompt, methods, **kw))
+        return self.comparison(family, prompt, results, negative_prompt=kw.get("negative_prompt", ""),
+                               seed=kw.get("seed", 0))
+
     def comparison(self, family, prompt, results, *, negative_prompt="", seed=0):
         return Comparison(family, prompt, negative_prompt, seed, "cpu", "float32", results, [])
 

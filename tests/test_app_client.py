@@ -7,15 +7,18 @@ cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1) through the same from_pretrained calls us
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from gradio_client import Client
+from gradio_client.utils import Status
 from PIL import Image
 
 import app
 from fastgen import registry
 from fastgen.engine import Engine
 from tests.fakehub import build_fake_hub, build_mini, mini_family
+from tests.test_app import FakeEngine
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +86,27 @@ def test_only_compare_is_public(served):
     assert list(info["named_endpoints"]) == ["/compare"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/compare"]["parameters"]]
     assert params[:6] == ["prompt", "seed", "negative_prompt", "methods", "width", "height"]
+
+
+def test_a_full_queue_says_the_demo_is_busy(monkeypatch):
+    """One job runs, QUEUE_SIZE wait, the next is turned away (the page shows "currently busy")."""
+    monkeypatch.setattr(app, "QUEUE_SIZE", 1)
+    demo = app.create_demo(FakeEngine(step_seconds=0.04), family="mini")  # a 50-step baseline takes 2 s
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        jobs = [client.submit(prompt="a red circle", methods=["baseline"], api_name="/compare")]
+        deadline = time.monotonic() + 30
+        while jobs[0].status().code != Status.PROCESSING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        jobs += [client.submit(prompt="a red circle", methods=["baseline"], api_name="/compare") for _ in range(2)]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(len(job.result(timeout=60)[0]))
+            except Exception as exc:  # gradio_client raises its own error type for a rejected job
+                outcomes.append(str(exc))
+    finally:
+        demo.close()
+    assert outcomes.count(1) == 2, outcomes
+    assert any("Queue is full" in str(o) for o in outcomes), outcomes

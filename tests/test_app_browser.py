@@ -18,7 +18,6 @@ import pytest
 import app
 from fastgen import registry
 from fastgen.engine import Engine
-from tests.fakehub import build_mini, mini_family
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,10 +39,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def url(fake_mini):
     mp = pytest.MonkeyPatch()
     if not (registry.MINI_WEIGHTS / "base" / "model_index.json").exists():
-        mp.setitem(registry.FAMILIES, "mini", mini_family(build_mini(tmp_path_factory.mktemp("mini"))))
+        mp.setitem(registry.FAMILIES, "mini", fake_mini)
     demo = app.create_demo(Engine(), family="mini")
     _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url

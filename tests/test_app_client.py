@@ -1,7 +1,7 @@
 """The demo served for real on a free local port, called through gradio_client, with the real engine.
 
-The `mini` family points at random tiny weights (tests.fakehub.build_mini); `sdxl` loads from a fake Hub
-cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1) through the same from_pretrained calls users hit.
+The `mini` family points at random tiny weights (the `fake_mini` fixture); `sdxl` loads from the fake Hub
+cache (`fake_hub`: HF_HUB_CACHE, HF_HUB_OFFLINE=1) through the same from_pretrained calls users hit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from PIL import Image
 import app
 from fastgen import registry
 from fastgen.engine import Engine
-from tests.fakehub import build_fake_hub, build_mini, mini_family
 from tests.test_app import FakeEngine
 
 pytestmark = pytest.mark.slow
@@ -30,13 +29,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The app on 127.0.0.1:<free port>, opened on a fake mini family, with a fake SDXL Hub cache."""
+def served(fake_hub, fake_mini):
+    """The app on 127.0.0.1:<free port>, opened on a fake mini family, with the fake Hub cache."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("app-client")
-    mp.setenv("HF_HUB_CACHE", str(build_fake_hub(root / "hub", families=("sdxl",))))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setitem(registry.FAMILIES, "mini", mini_family(build_mini(root / "mini")))
+    mp.setitem(registry.FAMILIES, "mini", fake_mini)
     demo = app.create_demo(Engine(), family="mini")
     _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url, demo

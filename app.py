@@ -171,10 +171,10 @@ class Runs:
             ]
         done = [p.method for p in board.panels.values() if p.result is not None]
         if any(board.panels[m].state == "done" for m in changed) or not running:
-            left, right = compare_pair(board)
+            left, right = present.compare_pair(board)
             choices = [(get_family(board.family).method(m).label, m) for m in done]
             out += [board, gr.Dropdown(choices=choices, value=left), gr.Dropdown(choices=choices, value=right),
-                    slider_images(board, left, right)]
+                    present.compare_images(board, left, right)]
         else:
             out += [board, gr.skip(), gr.skip(), gr.skip()]
         if export and done:
@@ -188,23 +188,6 @@ class Runs:
             out += [gr.skip(), gr.skip()]
         out += [gr.Button(interactive=not running), gr.Button(interactive=running)]
         return out
-
-
-def compare_pair(board: Board) -> tuple[str | None, str | None]:
-    """The default pair for the image slider: the fastest finished panel against the baseline."""
-    done = [m for m in board.order if board.panels[m].result is not None]
-    done += [m for m, p in board.panels.items() if p.result is not None and m not in done]
-    if not done:
-        return None, None
-    right = "baseline" if "baseline" in done else done[-1]
-    left = next((m for m in done if m != right), right)
-    return left, right
-
-
-def slider_images(board: Board | None, left: str | None, right: str | None):
-    panels = board.panels if board is not None else {}
-    images = [panels[m].result.image if m in panels and panels[m].result is not None else None for m in (left, right)]
-    return tuple(images) if all(i is not None for i in images) else None
 
 
 def compare_api(engine: Engine, default: str):
@@ -323,7 +306,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                   inputs=[board, panel.toggle, panel.steps, panel.guidance], trigger_mode="always_last", **run_args)
             panel.guidance.change(panel_note_handler(method), inputs=[family_box, panel.guidance],
                                   outputs=panel.note, queue=False, api_visibility="private")
-        gr.on([left.change, right.change], slider_images, inputs=[board, left, right], outputs=slider, queue=False,
+        gr.on([left.change, right.change], present.compare_images, inputs=[board, left, right], outputs=slider, queue=False,
               api_visibility="private")
         family_box.change(family_handler, inputs=family_box,
                           outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,
@@ -342,14 +325,13 @@ def pick_family(family: str | None = None) -> tuple[str, str]:
         try:
             return default_family(), ""
         except WeightsMissingError as exc:
-            family, reason = "mini", str(exc)
-    else:
-        get_family(family)  # an unknown name fails at startup, with the allowed names
-        if family_available(family):
-            return family, ""
-        reason = f"the {family} weights are not on this machine"
-    return family, (f"No model family can run here yet ({reason}). Fetch one with `python -m fastgen download "
-                    f"--family sdxl` while online, or add the embedded mini weights under fastgen/mini/weights/.")
+            return "mini", (f"No model family can run here yet ({exc}). Fetch one with `python -m fastgen "
+                            f"download --family sdxl` while online.")
+    label = get_family(family).label  # an unknown name fails at startup, with the allowed names
+    if family_available(family):
+        return family, ""
+    return family, (f"The {label} weights are not on this machine, so Generate will fail: fetch them with "
+                    f"`python -m fastgen download --family {family}` while online, or pick another family.")
 
 
 class PanelView:
@@ -368,7 +350,7 @@ class PanelView:
             self.caption = gr.Markdown(elem_classes="fg-caption")
             self.steps = gr.Slider(**steps_props(spec))
             self.guidance = gr.Slider(**guidance_props(spec))
-            self.note = gr.Markdown(panel_note(spec, spec.guidance), elem_classes="fg-note")
+            self.note = gr.Markdown(present.panel_note(spec, spec.guidance), elem_classes="fg-note")
             with gr.Accordion("Code", open=False):
                 self.code = gr.Code(language="python", show_label=False, interactive=False)
 
@@ -392,15 +374,10 @@ def guidance_props(spec) -> dict:
                 step=0.1, label="Guidance", info=present.guidance_info(spec), interactive=not fixed)
 
 
-def panel_note(spec, guidance: float) -> str:
-    notes = [present.negative_prompt_note(spec, guidance), present.licence_note(spec)]
-    return "\n\n".join(n for n in notes if n)
-
-
 def panel_note_handler(method: str):
     def note(family: str, guidance: float) -> str:
         spec = panel_spec(family, method)
-        return panel_note(spec, float(guidance)) if spec is not None else ""
+        return present.panel_note(spec, float(guidance)) if spec is not None else ""
     return note
 
 
@@ -423,7 +400,7 @@ def family_handler(family: str) -> list:
             out += [gr.Column(visible=False)] + [gr.skip()] * 9
             continue
         out += [gr.Column(visible=True), f"### {spec.label}", True, None, "", "", gr.Slider(**steps_props(spec)),
-                gr.Slider(**guidance_props(spec)), panel_note(spec, spec.guidance), ""]
+                gr.Slider(**guidance_props(spec)), present.panel_note(spec, spec.guidance), ""]
     return out
 
 

@@ -64,7 +64,12 @@ def negative_prompt_note(spec, guidance: float) -> str:
 
 
 def licence_note(spec) -> str:
-    return f"Licence: {spec.licence}" if getattr(spec, "licence", None) else ""
+    return f"Licence: {spec.licence}" if spec.licence else ""
+
+
+def panel_note(spec, guidance: float) -> str:
+    """The small print under a panel's sliders: negative-prompt use and the licence."""
+    return "\n\n".join(n for n in (negative_prompt_note(spec, guidance), licence_note(spec)) if n)
 
 
 def unet_passes(spec, steps: int, guidance: float) -> int:
@@ -322,6 +327,24 @@ def caption(result, baseline_seconds: float | None) -> str:
         lines.append(f"<small>first load {result.load_seconds:.1f} s, not counted</small>")
     lines += [f"⚠️ {w}" for w in result.warnings]
     return "\n\n".join(lines)
+
+
+def compare_pair(board: Board) -> tuple[str | None, str | None]:
+    """The default pair for the image slider: the fastest finished panel against the baseline."""
+    done = [m for m in board.order if board.panels[m].result is not None]
+    done += [m for m, p in board.panels.items() if p.result is not None and m not in done]
+    if not done:
+        return None, None
+    right = "baseline" if "baseline" in done else done[-1]
+    left = next((m for m in done if m != right), right)
+    return left, right
+
+
+def compare_images(board: Board | None, left: str | None, right: str | None):
+    """(left image, right image) for the slider, or None until both panels have one."""
+    panels = board.panels if board is not None else {}
+    images = [panels[m].result.image if m in panels and panels[m].result is not None else None for m in (left, right)]
+    return tuple(images) if all(i is not None for i in images) else None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def panel(page, label: str):
     return page.locator(".fg-panel").filter(has=page.get_by_role("heading", name=label, exact=True))
 
 
+def test_examples_fill_the_prompt(page):
+    page.get_by_role("button", name="a large white square on a black background").click()
+    playwright.expect(page.get_by_label("Prompt", exact=True)).to_have_value("a large white square on a black background")
+
+
 def test_generate_fills_four_panels(page, tmp_path):
     page.get_by_label("Prompt", exact=True).fill(PROMPT)
     page.get_by_role("button", name="Generate").click()

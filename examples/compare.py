@@ -7,19 +7,23 @@ Prints one line per method (steps, guidance, seconds, speed-up) and saves the ca
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from fastgen.engine import Engine, default_family
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing fastgen
+from fastgen.engine import Engine, default_family  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("prompt", nargs="?", default="a large red circle on a blue background")
 parser.add_argument("--family", default=None, help="sdxl, sd15 or mini (default: sdxl with CUDA, else mini)")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--size", type=int, default=0, help="one square size for all panels (default 0: each native)")
 parser.add_argument("--out", type=Path, default=Path("out"))
 args = parser.parse_args()
 
 engine = Engine()  # picks the device and dtype once: CUDA + fp16 where present, else CPU + float32
-comparison = engine.compare(args.family or default_family(), args.prompt, seed=args.seed)
+size = args.size or None
+comparison = engine.compare(args.family or default_family(), args.prompt, seed=args.seed, width=size, height=size)
 
 for result in comparison.results:
     speedup = comparison.speedup(result.method)

@@ -291,3 +291,20 @@ def test_model_work_shares_one_gpu_slot():
     assert compare.api_visibility == "public"
     public = {f.api_name for f in app.demo.fns.values() if f.api_visibility == "public"}
     assert public == {"compare"}
+
+
+def test_example_script_runs(fake_mini, tmp_path, monkeypatch, capsys):
+    """examples/compare.py end to end on random mini weights, run in this process (a fresh interpreter
+    would spend most of a minute importing torch and diffusers again)."""
+    import runpy
+    from pathlib import Path
+
+    from fastgen import registry
+
+    monkeypatch.setitem(registry.FAMILIES, "mini", fake_mini)
+    script = Path(app.__file__).parent / "examples" / "compare.py"
+    monkeypatch.setattr("sys.argv", [str(script), "a red circle", "--family", "mini", "--out", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "steps" in line]
+    assert [line.split()[0] for line in lines] == ["Turbo", "LCM", "LCM-LoRA", "Baseline"]
+    assert "faster" in lines[0] and Image.open(tmp_path / "grid.png").width >= 4 * 64

@@ -306,7 +306,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                   inputs=[board, panel.toggle, panel.steps, panel.guidance], trigger_mode="always_last", **run_args)
             panel.guidance.change(panel_note_handler(method), inputs=[family_box, panel.guidance],
                                   outputs=panel.note, queue=False, api_visibility="private")
-        gr.on([left.change, right.change], present.compare_images, inputs=[board, left, right], outputs=slider, queue=False,
+        gr.on([left.input, right.input], present.compare_images, inputs=[board, left, right], outputs=slider, queue=False,
               api_visibility="private")
         family_box.change(family_handler, inputs=family_box,
                           outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,

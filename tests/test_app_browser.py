@@ -89,7 +89,8 @@ def test_generate_fills_four_panels(page, tmp_path):
         assert re.search(r"[\d.]+× faster", captions[label]), captions[label]
         assert "steps/s" in captions[label]
     # The compare slider defaults to the fastest panel against the baseline; downloads are offered.
-    assert page.locator(".fg-compare img").count() == 2
+    playwright.expect(page.locator(".fg-compare img")).to_have_count(2)
+    playwright.expect(page.locator(".fg-compare img").last).to_be_visible()
     playwright.expect(page.get_by_role("button", name=re.compile("Download grid"))).to_be_visible()
 
     target = Path(os.environ.get("FASTGEN_SCREENSHOT") or tmp_path / "screenshot.png")

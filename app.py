@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     app = demo if args.family is None else create_demo(family=args.family)
     launch(app, host=args.host, port=args.port)
 

@@ -251,7 +251,16 @@ class Board:
                 if m in panels and m not in order:
                     panels[m] = panel
             settings = {**previous.settings, **settings}
-        return cls(family, settings, order, panels)
+        board = cls(family, settings, order, panels)
+        board._start_next()
+        return board
+
+    def _start_next(self) -> str | None:
+        """Mark the first waiting panel as running (it loads and encodes before its first step)."""
+        upcoming = next((m for m in self.order if self.panels[m].state == "waiting"), None)
+        if upcoming is not None:
+            self.panels[upcoming].state = "running"
+        return upcoming
 
     def apply(self, event: Step | Done) -> list[str]:
         if isinstance(event, Step):
@@ -261,14 +270,16 @@ class Board:
         result = event.result
         panel = self.panels[result.method]
         panel.state, panel.result, panel.step, panel.total = "done", result, result.steps, result.steps
+        upcoming = self._start_next()
         # A new baseline time changes every panel's speed-up.
-        return list(self.panels) if result.method == "baseline" else [result.method]
+        if result.method == "baseline":
+            return list(self.panels)
+        return [result.method] + ([upcoming] if upcoming else [])
 
     def fail(self, state: str, message: str) -> list[str]:
         """Mark the panel that was running (or the next waiting one) stopped/failed; later ones stay empty."""
         changed = []
-        current = next((m for m in self.order if self.panels[m].state == "running"), None)
-        current = current or next((m for m in self.order if self.panels[m].state == "waiting"), None)
+        current = next((m for m in self.order if self.panels[m].state in ("running", "waiting")), None)
         for m in self.order:
             panel = self.panels[m]
             if m == current:
@@ -296,7 +307,7 @@ class Board:
             return (f'<div class="fg-status fg-running"><div class="fg-bar"><div style="width:{pct:.0f}%"></div></div>'
                     f"step {panel.step} / {panel.total}</div>")
         text = {
-            "idle": "", "off": "Off", "waiting": "Waiting…", "running": "Loading weights…",
+            "idle": "", "off": "Off", "waiting": "Waiting…", "running": "Starting (loading weights on first use)…",
             "done": "", "stopped": panel.message or "Stopped", "failed": panel.message or "Failed",
         }[panel.state]
         return f'<div class="fg-status fg-{panel.state}">{html.escape(text)}</div>' if text else ""

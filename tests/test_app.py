@@ -119,6 +119,8 @@ def generate(runs, prompt="a large red circle on a blue background", seed=7, siz
 def test_generate_fills_panels_fastest_first_baseline_last(tmp_path):
     runs = app.Runs(FakeEngine(step_seconds=0.004), tmp_path)
     updates = generate(runs)
+    assert "Starting" in updates[0]["turbo.status"] and "Waiting" in updates[0]["baseline.status"]
+    assert updates[0]["generate"].interactive is False and updates[0]["stop"].interactive is True
     # The order images arrive in: each update that carries a new image names one method.
     arrivals = [m for u in updates[1:] for m in PANEL_ORDER
                 if changed(u[f"{m}.image"]) and u[f"{m}.image"] is not None]

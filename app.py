@@ -271,8 +271,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
             with gr.Row():
                 left = gr.Dropdown([], label="Left", scale=1)
                 right = gr.Dropdown([], label="Right", scale=1)
-            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384, elem_classes="fg-compare",
-                                    slider_position=50)
+            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384,
+                                    slider_position=50, elem_classes="fg-compare")
         with gr.Row():
             grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
             json_file = gr.DownloadButton("Download results (JSON)", visible=False)
@@ -306,8 +306,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                   inputs=[board, panel.toggle, panel.steps, panel.guidance], trigger_mode="always_last", **run_args)
             panel.guidance.change(panel_note_handler(method), inputs=[family_box, panel.guidance],
                                   outputs=panel.note, queue=False, api_visibility="private")
-        gr.on([left.input, right.input], present.compare_images, inputs=[board, left, right], outputs=slider, queue=False,
-              api_visibility="private")
+        gr.on([left.input, right.input], present.compare_images, inputs=[board, left, right], outputs=slider,
+              queue=False, api_visibility="private")
         family_box.change(family_handler, inputs=family_box,
                           outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,
                                    *[c for m in PANEL_ORDER for c in panels[m].family_outputs()]],
@@ -339,7 +339,8 @@ class PanelView:
 
     def __init__(self, family: str, method: str):
         spec = panel_spec(family, method)
-        with gr.Column(elem_classes="fg-panel", variant="panel", visible=spec is not None, min_width=200) as self.column:
+        visible = spec is not None
+        with gr.Column(elem_classes="fg-panel", variant="panel", visible=visible, min_width=200) as self.column:
             spec = spec or get_family(family).methods[0]  # placeholder values for a hidden panel
             with gr.Row(equal_height=True):
                 self.title = gr.Markdown(f"### {spec.label}")

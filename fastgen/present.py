@@ -103,7 +103,7 @@ def size_choices(family: str) -> list[tuple[str, str]]:
     """(label, value) pairs for the size control: each method's own size, or one square size for all."""
     fam = get_family(family)
     natives = sorted({m.native_size for m in fam.methods})
-    native_label = "Native (" + ", ".join(f"{n}²" for n in natives) + ")" if len(natives) > 1 else f"Native ({natives[0]}²)"
+    native_label = "Native (" + ", ".join(f"{n}²" for n in natives) + ")"
     squares = sorted({*natives, *(s for s in (512, 768, 1024) if s <= max(natives))})
     return [(native_label, NATIVE)] + [(f"{s}×{s} for all", f"{s}x{s}") for s in squares]
 

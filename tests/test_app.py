@@ -20,7 +20,7 @@ import app
 from fastgen import present
 from fastgen.engine import RunStopped
 from fastgen.results import Comparison
-from fastgen.present import PANEL_ORDER, Board
+from fastgen.present import PANEL_ORDER
 from fastgen.registry import get_family
 
 COLORS = {"turbo": (220, 60, 60), "lcm": (60, 160, 80), "lcm-lora": (60, 90, 220), "baseline": (200, 170, 40)}
@@ -128,7 +128,8 @@ def test_generate_fills_panels_fastest_first_baseline_last(tmp_path):
     assert arrivals[0] == "turbo"  # 1 step beats 4
     assert sorted(dict.fromkeys(arrivals)) == sorted(PANEL_ORDER)
     # Progress shows step by step for the running panel, at most ~10 updates a second.
-    progress = [u["baseline.status"] for u in updates if changed(u["baseline.status"]) and "/ 50" in u["baseline.status"]]
+    progress = [u["baseline.status"] for u in updates
+                if changed(u["baseline.status"]) and "/ 50" in u["baseline.status"]]
     assert 1 < len(progress) < 15
     final = updates[-1]
     board = final["board"]

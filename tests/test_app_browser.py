@@ -66,8 +66,9 @@ def panel(page, label: str):
 
 
 def test_examples_fill_the_prompt(page):
-    page.get_by_role("button", name="a large white square on a black background").click()
-    playwright.expect(page.get_by_label("Prompt", exact=True)).to_have_value("a large white square on a black background")
+    example = "a large white square on a black background"
+    page.get_by_role("button", name=example).click()
+    playwright.expect(page.get_by_label("Prompt", exact=True)).to_have_value(example)
 
 
 def test_generate_fills_four_panels(page, tmp_path):

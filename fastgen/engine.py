@@ -165,22 +165,23 @@ class Engine:
         return str(self.dtype).removeprefix("torch.")
 
     # 1. Resolve the files --------------------------------------------------------------------------------
-    def _folder(self, repo: str, spec: MethodSpec, family: Family) -> Path:
-        folder = hub.local_folder(repo)
+    def _folders(self, spec: MethodSpec, family: Family) -> dict[str, Path]:
+        """repo -> the folder holding its files, downloading what is missing unless offline."""
         missing = hub.missing_files(spec)
         if missing and not hub.offline() and not any(hub.is_local(r) for r in missing):
             hub.download(hub.remote_plan([spec]))
-            folder, missing = hub.local_folder(repo), hub.missing_files(spec)
-        if missing or folder is None:
-            raise MissingWeightsError(missing or [repo], family=family.name if family.name in FAMILIES else None)
-        return folder
+            missing = hub.missing_files(spec)
+        if missing:
+            raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None)
+        return {repo: hub.local_folder(repo) for repo in spec.repos}
 
     # 2. Assemble the method's pipeline from cached components ---------------------------------------------
     def _pipeline(self, family: Family, spec: MethodSpec):
         """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, its LoRA key."""
         import diffusers
 
-        folder = self._folder(spec.repo, spec, family)
+        folders = self._folders(spec, family)
+        folder = folders[spec.repo]
         model_index = hub.read_json(folder / "model_index.json")
         classes = hub.components(model_index)
         user = f"{family.name}/{spec.name}"
@@ -188,7 +189,7 @@ class Engine:
         for name, source in hub.method_sources(spec, model_index).items():
             if name in ("scheduler", "lora"):
                 continue
-            where = folder if source.repo == spec.repo else self._folder(source.repo, spec, family)
+            where = folders[source.repo]
             files = hub.select_files(hub.list_files(where), source)
             if name in classes:
                 cls = component_class(*classes[name])
@@ -212,7 +213,7 @@ class Engine:
         lora_key = None
         if spec.lora_repo is not None:
             source = hub.Source(spec.lora_repo, None, None, spec.lora_weight_name)
-            where = self._folder(spec.lora_repo, spec, family)
+            where = folders[spec.lora_repo]
             files = hub.select_files(hub.list_files(where), source)
             lora_digest = hub.content_key(where, files, None)
 

@@ -290,7 +290,5 @@ def family_available(name: str | Family) -> bool:
     (the Hub is not switched off with HF_HUB_OFFLINE). Never imports torch."""
     from fastgen import hub  # deferred: huggingface_hub is only needed once someone asks
 
-    family = get_family(name)
-    if not hub.missing_repos(family.methods):
-        return True
-    return not hub.offline() and not any(os.path.isabs(r) for r in hub.missing_repos(family.methods))
+    missing = hub.missing_repos(get_family(name).methods)
+    return not missing or (not hub.offline() and not any(hub.is_local(r) for r in missing))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastgen.registry import SCHEDULERS, MethodSpec
 
 
-def _args(*pairs) -> str:
-    return ", ".join(f"{k}={v!r}" if not isinstance(v, _Raw) else f"{k}={v}" for k, v in pairs if v is not None)
-
-
 class _Raw(str):
     """Emitted as written (an expression), not as a string literal."""
+
+
+def _args(*pairs) -> str:
+    return ", ".join(f"{k}={v!r}" if not isinstance(v, _Raw) else f"{k}={v}" for k, v in pairs if v is not None)
 
 
 def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,

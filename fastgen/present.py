@@ -334,7 +334,7 @@ def caption(result, baseline_seconds: float | None) -> str:
     if result.steps_per_second and math.isfinite(result.steps_per_second):
         parts.append(f"{result.steps_per_second:.1f} steps/s")
     lines = [" · ".join(parts)]
-    if getattr(result, "load_seconds", 0):
+    if result.load_seconds >= 0.05:  # loading weights (first use) is reported apart, never in the time above
         lines.append(f"<small>first load {result.load_seconds:.1f} s, not counted</small>")
     lines += [f"⚠️ {w}" for w in result.warnings]
     return "\n\n".join(lines)

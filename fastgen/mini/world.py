@@ -102,14 +102,14 @@ def render(scene: Scene, rng: np.random.Generator | None = None, extent: float |
     if center is None:
         margin = extent / 2 + 1  # keep the whole shape inside the frame
         center = (float(rng.uniform(margin, IMAGE_SIZE - margin)), float(rng.uniform(margin, IMAGE_SIZE - margin)))
-    mask = _coverage(scene.shape, extent, center)
+    mask = coverage(scene.shape, extent, center)
     background = np.array(PALETTE[scene.background], dtype=np.float32)
     color = np.array(PALETTE[scene.color], dtype=np.float32)
     image = background + mask[..., None] * (color - background)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _coverage(shape: str, extent: float, center: tuple[float, float]) -> np.ndarray:
+def coverage(shape: str, extent: float, center: tuple[float, float]) -> np.ndarray:
     """Fraction of each pixel the shape covers, by supersampling."""
     n = IMAGE_SIZE * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE

@@ -1,0 +1,119 @@
+"""The miniature world, its grammar and its analyzer (no models needed)."""
+
+import numpy as np
+import pytest
+
+from fastgen.mini import world
+from fastgen.mini.analyzer import ATTRIBUTES, analyze, frechet_distance
+from fastgen.mini.evaluate import evaluation_scenes, score_images
+from fastgen.mini.world import PALETTE, Scene, all_scenes, render, render_dataset, split_scenes
+
+
+def test_prompt_round_trip_and_parsing_is_forgiving():
+    scene = Scene("large", "red", "circle", "blue")
+    assert scene.prompt == "a large red circle on a blue background"
+    assert Scene.from_prompt(scene.prompt) == scene
+    assert Scene.from_prompt("  A Small ORANGE triangle on an white background ") == Scene("small", "orange", "triangle", "white")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(size="huge", color="red", shape="circle", background="blue"), "`size` must be one of"),
+    (dict(size="small", color="pink", shape="circle", background="blue"), "`color` must be one of"),
+    (dict(size="small", color="red", shape="star", background="blue"), "`shape` must be one of"),
+    (dict(size="small", color="red", shape="circle", background="red"), "must differ"),
+])
+def test_scene_rejects_what_the_world_cannot_draw(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Scene(**kwargs)
+
+
+def test_from_prompt_names_the_grammar():
+    with pytest.raises(ValueError, match="background"):
+        Scene.from_prompt("a cat in a hat")
+
+
+def test_held_out_split_is_a_fixed_tenth_and_every_value_is_still_seen():
+    seen, held = split_scenes()
+    assert len(all_scenes()) == 2 * 8 * 3 * 7 == len(seen) + len(held)
+    assert len(held) == round(0.1 * len(all_scenes()))
+    assert not set(seen) & set(held)
+    assert split_scenes() == (seen, held)  # the same every time
+    for name, values in (("size", world.SIZES), ("color", world.COLORS), ("shape", world.SHAPES),
+                         ("background", world.COLORS)):
+        assert {getattr(s, name) for s in seen} == set(values)
+
+
+def test_render_draws_the_scene_inside_the_frame_with_anti_aliased_edges():
+    rng = np.random.default_rng(3)
+    for scene in all_scenes()[::7]:
+        image = render(scene, rng)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        background, color = np.array(PALETTE[scene.background]), np.array(PALETTE[scene.color])
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert (border == background).all(), "the shape must lie fully inside the frame"
+        exact_shape = (image == color).all(axis=-1).sum()
+        assert exact_shape > 50
+        blended = ~(image == color).all(axis=-1) & ~(image == background).all(axis=-1)
+        assert blended.sum() > 0, "edges are anti-aliased"
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_render_sizes_follow_the_words(size):
+    lo, hi = world.SIZE_RANGES[size]
+    rng = np.random.default_rng(0)
+    for shape in world.SHAPES:
+        image = render(Scene(size, "white", shape, "black"), rng)
+        ys, xs = np.nonzero(image[..., 0] > 128)
+        extent = max(np.ptp(ys), np.ptp(xs)) + 1
+        assert lo - 1 <= extent <= hi + 1
+
+
+def test_analyzer_reads_rendered_images_at_least_99_percent_per_attribute():
+    images, scenes = render_dataset(all_scenes(), 600, seed=11)
+    accuracy, distance = score_images(list(images), scenes)
+    for attribute in ATTRIBUTES:
+        assert accuracy[attribute] >= 0.99, (attribute, accuracy)
+    assert distance < 0.05  # renders are as close to renders as it gets
+
+
+def test_analyzer_does_not_invent_a_shape_on_a_plain_image():
+    plain = np.zeros((64, 64, 3), np.uint8) + np.array(PALETTE["blue"], np.uint8)
+    reading = analyze(plain)
+    assert reading.background == "blue"
+    assert reading.shape is None and reading.color is None and reading.size is None
+
+
+def test_analyzer_tolerates_noise_and_blur_but_not_the_wrong_colour():
+    scene = Scene("large", "yellow", "triangle", "purple")
+    image = render(scene, np.random.default_rng(5)).astype(np.float32)
+    noisy = np.clip(image + np.random.default_rng(1).normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    assert all(analyze(noisy).matches(scene).values())
+    recoloured = render(Scene("large", "orange", "triangle", "purple"), np.random.default_rng(5))
+    assert not analyze(recoloured).matches(scene)["color"]
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    feats = np.random.default_rng(0).normal(size=(200, 5))
+    assert frechet_distance(feats, feats) == pytest.approx(0, abs=1e-4)
+    assert frechet_distance(feats, feats + 1.0) == pytest.approx(5.0, rel=0.05)
+
+
+def test_generated_blobs_score_worse_than_renders():
+    scenes = evaluation_scenes(12)["seen"]
+    rng = np.random.default_rng(0)
+    renders = [render(s, rng) for s in scenes]
+    blurred = [np.full_like(r, r.reshape(-1, 3).mean(axis=0).astype(np.uint8)) for r in renders]  # the "average" image
+    good, good_distance = score_images(renders, scenes)
+    bad, bad_distance = score_images(blurred, scenes)
+    assert good["all"] == 1.0 and bad["all"] == 0.0
+    assert bad_distance > good_distance
+
+
+def test_evaluation_prompt_set_is_fixed_and_split():
+    first, second = evaluation_scenes(8), evaluation_scenes(8)
+    assert first == second
+    seen, held = split_scenes()
+    assert set(first["seen"]) <= set(seen) and set(first["held-out"]) <= set(held)
+    assert len(evaluation_scenes(100)["held-out"]) == len(held)
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluation_scenes(1)

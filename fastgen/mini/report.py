@@ -1,0 +1,79 @@
+"""Measure the mini family's quality-versus-steps table and draw its picture (for docs/mini.md).
+
+    python -m fastgen.mini.report --prompts 34 --picture docs/mini_steps.png
+
+Prints a Markdown table: accuracy (all attributes correct) on seen / held-out combinations, the
+Fréchet distance (seen / held-out) and seconds per image, for each method at each step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+STEPS = {"baseline": (1, 2, 4, 8, 25, 50), "lcm": (1, 2, 4, 8), "lcm-lora": (1, 2, 4, 8), "turbo": (1, 2, 4)}
+PICTURE_PROMPT = "a large yellow triangle on a purple background"
+
+
+def table(engine, prompts: int) -> str:
+    from fastgen.registry import get_family
+
+    from .evaluate import evaluate
+
+    family = get_family("mini")
+    rows = ["| method | steps | guidance | accuracy seen | accuracy held-out | distance seen | distance held-out "
+            "| s/image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, counts in STEPS.items():
+        spec = family.method(method)
+        for steps in counts:
+            scores = {s.split: s for s in evaluate(engine, method, steps, None, prompts)}
+            seen, held = scores["seen"], scores["held-out"]
+            seconds = (seen.seconds_per_image * seen.prompts + held.seconds_per_image * held.prompts) / (
+                seen.prompts + held.prompts)
+            rows.append(f"| {spec.label} | {steps} | {spec.guidance:g} | {seen.accuracy['all']:.3f} | "
+                        f"{held.accuracy['all']:.3f} | {seen.distance:.4f} | {held.distance:.4f} | {seconds:.3f} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def picture(engine, path: str, seed: int = 0) -> None:
+    """One prompt, one row per method, one column per step count (the base's 25 and 50 at the right)."""
+    from PIL import Image, ImageDraw
+
+    columns = (1, 2, 4, 8, 25, 50)
+    cell, label_width, pad = 96, 90, 4
+    canvas = Image.new("RGB", (label_width + len(columns) * (cell + pad), 20 + len(STEPS) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, steps in enumerate(columns):
+        draw.text((label_width + c * (cell + pad) + 30, 4), f"{steps} step{'s' if steps > 1 else ''}", fill="black")
+    for r, (method, counts) in enumerate(STEPS.items()):
+        y = 20 + r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), method, fill="black")
+        for c, steps in enumerate(columns):
+            if steps not in counts:
+                continue
+            image = engine.run("mini", method, PICTURE_PROMPT, seed=seed, steps=steps).image
+            canvas.paste(image.resize((cell, cell), Image.NEAREST), (label_width + c * (cell + pad), y))
+    canvas.save(path)
+
+
+def main(argv=None):
+    from fastgen.engine import Engine
+
+    parser = argparse.ArgumentParser(prog="python -m fastgen.mini.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=34, help="prompts per split (held-out has 34)")
+    parser.add_argument("--picture", help="also draw one prompt across methods and steps to this PNG")
+    args = parser.parse_args(argv)
+    engine = Engine(device="cpu")
+    start = time.perf_counter()
+    if args.picture:
+        picture(engine, args.picture)
+    print(table(engine, args.prompts))
+    print(f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,71 @@
+"""Every training stage runs end to end (a few steps each) and writes what the next stage and the engine load."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from fastgen.mini import train
+from fastgen.mini.train import _guidance_embedding, _lcm_scalings
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    weights, work = tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("work")
+    presets = dict(train.PRESETS)
+    train.PRESETS["turbo"] = train.replace(presets["turbo"], teacher_samples=8)  # the pairs are the slow part
+    try:
+        for stage in train.STAGES:
+            train.main([stage, "--steps", "2", "--images", "96", "--batch", "4", "--device", "cpu",
+                        "--weights", str(weights), "--work", str(work)])
+    finally:
+        train.PRESETS.update(presets)
+    return weights
+
+
+def test_stages_write_standard_folders_that_load(trained):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained / "base", dtype=torch.float32)
+    image = pipe("a large red circle on a blue background", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    assert UNet2DConditionModel.from_pretrained(trained / "lcm").config.time_cond_proj_dim == 256
+    assert (trained / "lcm-lora" / "pytorch_lora_weights.safetensors").exists()
+    turbo = StableDiffusionPipeline.from_pretrained(trained / "turbo", dtype=torch.float32)
+    assert type(turbo.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+
+
+def test_turbo_ships_the_base_vae_and_text_encoder_byte_for_byte(trained):
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert sha(trained / "turbo" / part) == sha(trained / "base" / part)
+
+
+def test_lora_keys_load_into_every_targeted_layer(trained):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained / "base", dtype=torch.float32)
+    pipe.load_lora_weights(trained / "lcm-lora", weight_name="pytorch_lora_weights.safetensors", adapter_name="lcm")
+    layers = [name for name, module in pipe.unet.named_modules() if hasattr(module, "lora_A") and "lcm" in module.lora_A]
+    from safetensors.torch import load_file
+
+    saved = {k.rsplit(".lora_", 1)[0].removeprefix("unet.") for k in load_file(
+        trained / "lcm-lora" / "pytorch_lora_weights.safetensors")}
+    assert saved and set(layers) == saved
+
+
+def test_boundary_condition_and_guidance_embedding_match_diffusers():
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    scheduler = LCMScheduler()
+    for t in (0, 19, 499, 999):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        ours_skip, ours_out = _lcm_scalings(torch.tensor([t]))
+        assert float(ours_skip) == pytest.approx(float(c_skip)) and float(ours_out) == pytest.approx(float(c_out))
+    w = torch.tensor([0.0, 3.0, 7.0])
+    reference = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
+    assert np.allclose(_guidance_embedding(w, 256).numpy(), reference.numpy(), atol=1e-5)

@@ -250,6 +250,8 @@ class Board:
             for m, panel in previous.panels.items():
                 if m in panels and m not in order:
                     panels[m] = panel
+                elif m in panels:  # a rerun shows the previous image until the new one replaces it
+                    panels[m].result = panel.result
             settings = {**previous.settings, **settings}
         board = cls(family, settings, order, panels)
         board._start_next()
@@ -283,7 +285,8 @@ class Board:
         for m in self.order:
             panel = self.panels[m]
             if m == current:
-                panel.state, panel.message = state, message
+                kept = " (the image is from the previous run)" if panel.result is not None else ""
+                panel.state, panel.message = state, message + kept
                 changed.append(m)
             elif panel.state in ("waiting", "running"):
                 panel.state, panel.message = "idle", ""

@@ -189,6 +189,21 @@ def test_rerun_changes_only_that_panel(runs):
                                                                   "baseline": 50}
 
 
+def test_a_stopped_rerun_keeps_the_previous_image(tmp_path):
+    runs = app.Runs(FakeEngine(), tmp_path)
+    board = generate(runs)[-1]["board"]
+    runs.engine.step_seconds = 0.02
+    updates = []
+    for update in map(named, runs.rerun("baseline", None, board, True, 80, 4.0)):
+        updates.append(update)
+        if update["board"].panels["baseline"].step > 2:
+            runs.stop(None)
+    final = updates[-1]["board"].panels["baseline"]
+    assert final.state == "stopped" and final.result is board.panels["baseline"].result
+    assert "previous run" in updates[-1]["baseline.status"]
+    assert updates[-1]["baseline.image"] is final.result.image
+
+
 def test_rerun_before_any_run_does_nothing(runs):
     (update,) = list(runs.rerun("lcm", None, None, True, 2, 3.0))
     assert all(not changed(v) for v in update) and runs.engine.calls == []

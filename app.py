@@ -41,6 +41,9 @@ QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is cu
 EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
 GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
 MAX_SEED = 2**32 - 1
+# Families cheap enough (seconds on any CPU) to run the first example as soon as the page opens. Not the
+# full-size ones: on a shared GPU every page view would queue a job.
+FILL_ON_OPEN = {"mini"}
 # Per panel, the event outputs are these, in this order, for each method of PANEL_ORDER.
 PANEL_OUTPUTS = ("image", "status", "caption", "code")
 RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
@@ -297,6 +300,9 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
 
         gr.on([generate.click, prompt.submit], gpu_task(runs.generate),
               inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs], **run_args)
+        if family in FILL_ON_OPEN:  # a visitor sees the comparison at once, not four empty frames
+            demo.load(gpu_task(runs.generate), inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs],
+                      **run_args)
         stop.click(runs.stop, queue=False, api_visibility="private")
         dice.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False, api_visibility="private")
         examples.click(lambda sample: sample[0], inputs=examples, outputs=prompt, queue=False,

@@ -1,6 +1,7 @@
 """The demo in a real browser: headless Debian Chromium driven by Playwright.
 
-Types a prompt, clicks Generate, waits for the four panels and checks their captions; saves a screenshot
+Opens the page (the mini family fills its panels on arrival), types a prompt, clicks Generate, waits for
+the four panels and checks their captions; saves a screenshot
 (to FASTGEN_SCREENSHOT if set, e.g. docs/screenshot.png, else into the test's tmp folder). Runs on the
 shipped mini weights when they are in the checkout, else on random tiny ones of the same layout.
 """
@@ -64,6 +65,14 @@ def panel(page, label: str):
     return page.locator(".fg-panel").filter(has=page.get_by_role("heading", name=label, exact=True))
 
 
+def test_page_opens_with_the_four_panels_filled(page):
+    """On the mini family the first example runs as the page opens: no empty frames on arrival."""
+    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 4", timeout=90_000)
+    playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
+                                                                                          timeout=90_000)
+    playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+
+
 def test_examples_fill_the_prompt(page):
     example = "a large white square on a black background"
     page.get_by_role("button", name=example).click()
@@ -71,9 +80,12 @@ def test_examples_fill_the_prompt(page):
 
 
 def test_generate_fills_four_panels(page, tmp_path):
+    before = panel(page, "Turbo").locator(".fg-image img").get_attribute("src")  # from the run on opening
     page.get_by_label("Prompt", exact=True).fill(PROMPT)
     page.get_by_role("button", name="Generate").click()
-    # Done when every panel shows an image and the baseline, which runs last, has its caption.
+    # Done when every panel shows a new image and the baseline, which runs last, has its caption.
+    playwright.expect(panel(page, "Turbo").locator(".fg-image img")).not_to_have_attribute("src", before,
+                                                                                          timeout=90_000)
     page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 4", timeout=90_000)
     baseline = panel(page, "Baseline")
     playwright.expect(baseline.locator(".block.fg-caption")).to_contain_text("reference", timeout=90_000)

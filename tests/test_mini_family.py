@@ -1,0 +1,132 @@
+"""The shipped mini family: standard formats, shared components, and the quality claims it exists to show.
+
+The quality tests generate images with the shipped weights through the engine and score them with the
+analyzer in the test itself (CPU, float32, fixed seeds), so a retrained model that loses a claim fails here.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastgen.engine import Engine
+from fastgen.mini.evaluate import evaluation_scenes, score_images
+from fastgen.registry import MINI_WEIGHTS, get_family
+
+pytestmark = pytest.mark.skipif(not (MINI_WEIGHTS / "base" / "model_index.json").exists(),
+                                reason="the mini family's weights are not in this checkout")
+
+PROMPTS = 20  # per split: 20 seen + 20 held-out combinations
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scores(engine):
+    """Accuracy and distance per (method, steps), on the fixed prompt set, computed once for this module."""
+    cache = {}
+
+    def score(method, steps, guidance=None):
+        if (method, steps) not in cache:
+            result = {}
+            for split, scenes in evaluation_scenes(PROMPTS).items():
+                images = [np.asarray(engine.run("mini", method, s.prompt, seed=i, steps=steps, guidance=guidance).image)
+                          for i, s in enumerate(scenes)]
+                result[split] = score_images(images, scenes)
+            cache[method, steps] = result
+        return cache[method, steps]
+
+    return score
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_weights_are_standard_diffusers_folders_that_load_with_from_pretrained():
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    base = StableDiffusionPipeline.from_pretrained(MINI_WEIGHTS / "base", dtype=torch.float32)
+    assert base.unet.config.sample_size == 16 and base.vae.config.latent_channels == 4
+    lcm_unet = UNet2DConditionModel.from_pretrained(MINI_WEIGHTS / "lcm", dtype=torch.float32)
+    assert lcm_unet.config.time_cond_proj_dim is not None, "LCM takes guidance as an embedding"
+    turbo = StableDiffusionPipeline.from_pretrained(MINI_WEIGHTS / "turbo", dtype=torch.float32)
+    assert type(turbo.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert turbo.scheduler.config.timestep_spacing == "trailing"
+
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    text = base.text_encoder(base.tokenizer(["a large red circle on a blue background"], padding="max_length",
+                                            return_tensors="pt").input_ids).last_hidden_state
+    with torch.no_grad():
+        before = base.unet(x, t, text).sample
+        base.load_lora_weights(MINI_WEIGHTS / "lcm-lora", weight_name="pytorch_lora_weights.safetensors",
+                               adapter_name="lcm")
+        after = base.unet(x, t, text).sample
+    assert (before - after).abs().max() > 1e-3, "the LCM-LoRA adapter must change the base UNet"
+
+
+def test_shipped_weights_fit_in_20_mb():
+    total = sum(f.stat().st_size for f in MINI_WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 20 * 1024 * 1024, f"{total / 2**20:.1f} MiB"
+
+
+def test_turbo_shares_the_base_text_encoder_and_vae_byte_for_byte_and_the_cache_loads_them_once(engine):
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert _sha(MINI_WEIGHTS / "turbo" / part) == _sha(MINI_WEIGHTS / "base" / part)
+    report = engine.compare("mini", "a small green square on a white background", steps={"baseline": 2}).cache
+    for kind in ("vae", "text_encoder"):
+        rows = [row for row in report if row["kind"] == kind]
+        assert len(rows) == 1 and set(rows[0]["used_by"]) == {"turbo", "lcm", "lcm-lora", "baseline"}, rows
+    unets = {frozenset(row["used_by"]) for row in report if row["kind"] == "unet"}
+    assert unets == {frozenset({"baseline", "lcm-lora"}), frozenset({"lcm"}), frozenset({"turbo"})}
+
+
+def test_registry_recipes_match_the_shipped_scheduler_configs():
+    family = get_family("mini")
+    assert [m.name for m in family.methods] == ["turbo", "lcm", "lcm-lora", "baseline"]
+    assert family.method("turbo").max_steps == 4 and family.method("turbo").guidance == 0.0
+    assert family.method("lcm").guidance_mode == "embedding"
+
+
+@pytest.mark.slow
+def test_base_at_50_steps_meets_its_accuracy_target(scores):
+    result = scores("baseline", 50)
+    seen, _ = result["seen"]
+    held, _ = result["held-out"]
+    assert seen["all"] >= 0.95, seen
+    assert held["all"] >= 0.85, held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast, slow", [
+    (("lcm", 4), ("baseline", 4)),
+    (("lcm-lora", 4), ("baseline", 4)),
+    (("turbo", 1), ("baseline", 1)),
+])
+def test_distilled_methods_beat_the_base_at_the_same_few_steps(scores, fast, slow):
+    for split in ("seen", "held-out"):
+        fast_acc, fast_dist = scores(*fast)[split]
+        slow_acc, slow_dist = scores(*slow)[split]
+        assert fast_acc["all"] >= slow_acc["all"] + 0.15, (split, fast, fast_acc, slow, slow_acc)
+        assert fast_dist < slow_dist, (split, fast_dist, slow_dist)
+
+
+def test_cli_compare_offline_draws_the_asked_scene(tmp_path, monkeypatch):
+    """`python -m fastgen compare ... --family mini --methods baseline` with an empty Hub cache and offline."""
+    from PIL import Image
+
+    from fastgen.__main__ import main
+    from fastgen.mini.analyzer import analyze
+    from fastgen.mini.world import Scene
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prompt = "a large red circle on a blue background"
+    assert main(["compare", prompt, "--family", "mini", "--methods", "baseline", "--out", str(tmp_path)]) == 0
+    reading = analyze(np.asarray(Image.open(tmp_path / "baseline.png").convert("RGB")))
+    assert all(reading.matches(Scene.from_prompt(prompt)).values()), reading

@@ -169,7 +169,11 @@ class Engine:
         """repo -> the folder holding its files, downloading what is missing unless offline."""
         missing = hub.missing_files(spec)
         if missing and not hub.offline() and not any(hub.is_local(r) for r in missing):
-            hub.download(hub.remote_plan([spec]))
+            try:
+                hub.download(hub.remote_plan([spec]))
+            except Exception as error:  # no network, Hub down, gated repo: all mean "not here, fetch them"
+                logger.warning("downloading %s failed: %s", ", ".join(missing), error)
+                raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None) from error
             missing = hub.missing_files(spec)
         if missing:
             raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None)

@@ -347,6 +347,22 @@ def test_missing_weights_offline_name_the_repos_and_the_command(tmp_path, monkey
     assert not family_available("sdxl")
 
 
+def test_a_failed_download_reads_as_missing_weights_not_a_crash(tmp_path, monkeypatch):
+    """Online mode, but the Hub cannot be reached (or refuses): the same clear error as offline."""
+    from fastgen import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def unreachable(specs):
+        raise ConnectionError("Hub unreachable")
+
+    monkeypatch.setattr(hub, "remote_plan", unreachable)
+    with pytest.raises(WeightsMissingError, match="python -m fastgen download --family sdxl") as error:
+        Engine(device="cpu").run("sdxl", "turbo", PROMPT, **SIZE)
+    assert isinstance(error.value.__cause__, ConnectionError)
+
+
 def test_only_the_missing_repo_is_named(fake_hub, tmp_path, monkeypatch):
     import shutil
 

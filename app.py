@@ -14,7 +14,10 @@ try:  # On a ZeroGPU Space, `spaces` must be imported before torch touches CUDA;
     import spaces  # its @spaces.GPU calls. Elsewhere the package is absent and model work runs in place.
 
     gpu_task = spaces.GPU(duration=120)
+    ZERO_GPU = True
 except ImportError:
+    ZERO_GPU = False
+
     def gpu_task(fn):
         return fn
 
@@ -241,6 +244,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
     engine = engine or Engine()
     family, notice = pick_family(family)
     runs = Runs(engine)
+    if ZERO_GPU and not notice:  # jobs run in workers that inherit what the main process loaded: load it now
+        log.info("loading %s at start-up: %.1f s", family, engine.load(family))
     selectable = [(f.label, name) for name, f in FAMILIES.items() if name == family or family_available(name)]
 
     with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE)) as demo:

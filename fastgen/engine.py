@@ -269,6 +269,17 @@ class Engine:
             self._schedulers[key] = cls.from_config(base.config, **dict(spec.scheduler_kwargs))
         return self._schedulers[key]
 
+    def load(self, family: str | Family, methods: list[str] | None = None) -> float:
+        """Load `methods` (default: all of the family's) into the cache without generating; returns seconds.
+        For hosts that must load at start-up (a ZeroGPU Space loads in the main process, then runs each job in
+        a worker that inherits what is loaded)."""
+        family = get_family(family)
+        start = time.perf_counter()
+        with self._run_lock:
+            for name in check_methods(family, methods):
+                self._pipeline(family, family.method(name))
+        return time.perf_counter() - start
+
     # 3. Generate ----------------------------------------------------------------------------------------------
     def run(self, family: str | Family, method: str, prompt: str, *, negative_prompt: str = "", seed: int = 0,
             width: int | None = None, height: int | None = None, steps: int | None = None,

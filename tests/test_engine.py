@@ -406,3 +406,14 @@ def test_comparison_shape_speedup_and_grid(engine):
     assert comparison.speedup("turbo") == pytest.approx(baseline.seconds / turbo.seconds)
     grid = comparison.grid()
     assert grid.width >= 2 * 64 and grid.height > 64
+
+
+def test_load_fills_the_cache_so_the_first_run_loads_nothing(fake_hub):
+    fresh = Engine(device="cpu")
+    seconds = fresh.load("sd15", ["turbo", "lcm-lora"])
+    assert seconds > 0
+    loaded = fresh.cache.loads
+    result = fresh.run("sd15", "lcm-lora", PROMPT, **SIZE)
+    assert fresh.cache.loads == loaded, "everything lcm-lora needs was already loaded"
+    assert {"sd15/turbo", "sd15/lcm-lora"} <= {u for row in fresh.cache.report() for u in row["used_by"]}
+    assert result.image.size == (64, 64)

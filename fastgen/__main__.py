@@ -157,10 +157,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="score a mini-family method on a prompt set")
     p.add_argument("--family", default="mini")
-    p.add_argument("--method")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--prompts")
+    p.add_argument("--method", help="turbo, lcm, lcm-lora or baseline (default: baseline)")
+    p.add_argument("--steps", type=int, help="default: the method's")
+    p.add_argument("--guidance", type=float, help="default: the method's")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per split: seen and held-out (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=evaluate)
     return root

@@ -130,3 +130,14 @@ def test_cli_compare_offline_draws_the_asked_scene(tmp_path, monkeypatch):
     assert main(["compare", prompt, "--family", "mini", "--methods", "baseline", "--out", str(tmp_path)]) == 0
     reading = analyze(np.asarray(Image.open(tmp_path / "baseline.png").convert("RGB")))
     assert all(reading.matches(Scene.from_prompt(prompt)).values()), reading
+
+
+def test_cli_evaluate_prints_both_splits(capsys):
+    from fastgen.__main__ import main
+
+    assert main(["evaluate", "--family", "mini", "--method", "lcm", "--steps", "4", "--prompts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lcm at 4 steps, guidance 4" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("seen", "held-out"))}
+    assert set(rows) == {"seen", "held-out"} and all(row[1] == "2" for row in rows.values())
+    assert main(["evaluate", "--family", "sdxl", "--method", "lcm"]) == 2  # only the mini world has an analyzer

@@ -2,7 +2,8 @@
 
     python -m fastgen evaluate --family mini --method turbo --steps 1 --prompts 32
 
-Each image comes from the engine exactly as the demo makes it (seed i for the i-th prompt). The analyzer
+Each image comes from the engine exactly as the demo makes it (seed S + i for the i-th prompt, S = --seed,
+default 0). The analyzer
 reads it back; a prompt counts as correct when all four attributes match. The distance is a Fréchet
 distance between the analyzer's features of the generated images and of rendered images of the same
 prompts (lower is closer to the real world).
@@ -58,13 +59,13 @@ def score_images(images: list[np.ndarray], scenes: list[Scene]) -> tuple[dict[st
 
 
 def evaluate(engine, method: str, steps: int | None = None, guidance: float | None = None, prompts: int = 32,
-             family: str = "mini") -> list[SplitScore]:
-    """Generate every prompt of the fixed set with `method` and score each split."""
+             family: str = "mini", seed: int = 0) -> list[SplitScore]:
+    """Generate every prompt of the fixed set with `method` (prompt i with seed `seed + i`) and score each split."""
     scores = []
     for split, scenes in evaluation_scenes(prompts).items():
         images, seconds = [], 0.0
-        for seed, scene in enumerate(scenes):
-            result = engine.run(family, method, scene.prompt, seed=seed, steps=steps, guidance=guidance)
+        for i, scene in enumerate(scenes):
+            result = engine.run(family, method, scene.prompt, seed=seed + i, steps=steps, guidance=guidance)
             images.append(np.asarray(result.image.convert("RGB")))
             seconds += result.seconds
         accuracy, distance = score_images(images, scenes)
@@ -92,9 +93,9 @@ def main(args) -> int:
     spec = get_family("mini").method(args.method or "baseline")
     steps = spec.steps if args.steps is None else args.steps
     guidance = spec.guidance if args.guidance is None else args.guidance
-    prompts = 32 if args.prompts is None else int(args.prompts)
+    prompts = 32 if args.prompts is None else args.prompts
     start = time.perf_counter()
-    scores = evaluate(Engine(device="cpu"), spec.name, steps, guidance, prompts)
+    scores = evaluate(Engine(device="cpu"), spec.name, steps, guidance, prompts, seed=args.seed)
     print(format_scores(spec.name, steps, guidance, scores))
     print(f"({time.perf_counter() - start:.1f} s in all)")
     return 0

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 STEPS = {"baseline": (1, 2, 4, 8, 25, 50), "lcm": (1, 2, 4, 8), "lcm-lora": (1, 2, 4, 8), "turbo": (1, 2, 4)}
 PICTURE_PROMPT = "a large yellow triangle on a purple background"
 
@@ -75,5 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

@@ -130,6 +130,8 @@ def test_download_offline_and_local_families(fake_mini, monkeypatch, capsys):
 
 def test_evaluate_is_registered():
     args = parser().parse_args(["evaluate", "--method", "lcm", "--steps", "2", "--guidance", "3", "--prompts",
-                                "p.txt", "--seed", "1"])
+                                "12", "--seed", "1"])
     assert (args.family, args.method, args.steps, args.guidance, args.prompts, args.seed) == (
-        "mini", "lcm", 2, 3.0, "p.txt", 1)
+        "mini", "lcm", 2, 3.0, 12, 1)
+    with pytest.raises(SystemExit):  # --prompts counts prompts per split
+        parser().parse_args(["evaluate", "--prompts", "p.txt"])

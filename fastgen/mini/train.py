@@ -56,7 +56,7 @@ class StageConfig:
     distill_weight: float = 1.0
     teacher_samples: int = 4096  # Turbo: noise -> teacher-sample pairs, drawn once
     teacher_steps: int = 8  # the base at 8 Euler steps is already at its 50-step accuracy
-    turbo_t_weights: torch.Tensor = torch.tensor([3.0, 1.0, 1.0, 1.0])  # sampling odds of t = 999, 749, 499, 249
+    turbo_t_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0)  # sampling odds of t = 999, 749, 499, 249
 
 
 PRESETS = {
@@ -500,7 +500,7 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         pick = torch.randint(0, len(noises), (n,), generator=batches.generator, device=device)
         goal, cond = targets[pick], batches.embeds[target_prompts[pick]]
         # Half the batch at t=999, the one-step case the demo shows by default; the rest spread over 749/499/249.
-        t_s = student_t[torch.multinomial(config.turbo_t_weights.to(device), n, replacement=True,
+        t_s = student_t[torch.multinomial(torch.tensor(config.turbo_t_weights, device=device), n, replacement=True,
                                           generator=batches.generator)]
         # At t=999 the student sees the very noise the teacher started from, as at one-step inference;
         # at the later timesteps, the teacher's sample re-noised, as a multi-step run would hand it over.

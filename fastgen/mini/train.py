@@ -57,6 +57,9 @@ class StageConfig:
     teacher_samples: int = 4096  # Turbo: noise -> teacher-sample pairs, drawn once
     teacher_steps: int = 8  # the base at 8 Euler steps is already at its 50-step accuracy
     turbo_t_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0)  # sampling odds of t = 999, 749, 499, 249
+    # Turbo's student predicts v, not epsilon: at t=999 an epsilon model's x0 estimate divides its error by
+    # sqrt(alpha_bar) = 0.068 (15x speckle); v gives x0 = sqrt(a) x_t - sqrt(1-a) v with no such division.
+    turbo_prediction: str = "epsilon"
 
 
 PRESETS = {
@@ -64,7 +67,8 @@ PRESETS = {
     "base": StageConfig(steps=3000, batch=64, lr=1e-3),
     "lcm": StageConfig(steps=1400, batch=32, lr=1e-4),
     "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=8, images=8000),
-    "turbo": StageConfig(steps=2500, batch=16, lr=1e-4, images=8000, teacher_samples=1024),
+    "turbo": StageConfig(steps=2500, batch=16, lr=1e-4, images=8000, teacher_samples=1024,
+                         turbo_prediction="v_prediction"),
 }
 
 
@@ -506,7 +510,12 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         # at the later timesteps, the teacher's sample re-noised, as a multi-step run would hand it over.
         renoised = _noised(goal, batches.randn(goal.shape), alphas[t_s])
         x_s = torch.where((t_s == 999).view(-1, 1, 1, 1), noises[pick], renoised)
-        fake = _x0_from_eps(x_s, student(x_s, t_s, cond).sample, alphas[t_s])
+        out = student(x_s, t_s, cond).sample
+        if config.turbo_prediction == "v_prediction":  # x0 = sqrt(a) x_t - sqrt(1-a) v: no division by sqrt(a)
+            a = alphas[t_s].view(-1, 1, 1, 1)
+            fake = a.sqrt() * x_s - (1 - a).sqrt() * out
+        else:
+            fake = _x0_from_eps(x_s, out, alphas[t_s])
         distill = F.mse_loss(fake, goal)
 
         # Adversarial: student outputs and real latents, both lightly re-noised, judged on the teacher's features.
@@ -533,7 +542,8 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         log(step, distill=distill.item(), d=loss_d.item())
 
     pipe.unet = student.eval()
-    pipe.scheduler = EulerAncestralDiscreteScheduler(**models.SCHEDULE, timestep_spacing="trailing")
+    pipe.scheduler = EulerAncestralDiscreteScheduler(**{**models.SCHEDULE, "prediction_type": config.turbo_prediction},
+                                                     timestep_spacing="trailing")
     out = weights / "turbo"
     shutil.rmtree(out, ignore_errors=True)
     # A full pipeline folder, like stabilityai/sdxl-turbo: its VAE and text encoder are the base's, byte for byte.

@@ -31,11 +31,11 @@ def scores(engine):
     """Accuracy and distance per (method, steps), on the fixed prompt set, computed once for this module."""
     cache = {}
 
-    def score(method, steps, guidance=None):
+    def score(method, steps):
         if (method, steps) not in cache:
             result = {}
             for split, scenes in evaluation_scenes(PROMPTS).items():
-                images = [np.asarray(engine.run("mini", method, s.prompt, seed=i, steps=steps, guidance=guidance).image)
+                images = [np.asarray(engine.run("mini", method, s.prompt, seed=i, steps=steps).image)
                           for i, s in enumerate(scenes)]
                 result[split] = score_images(images, scenes)
             cache[method, steps] = result

@@ -11,6 +11,7 @@ prompts (lower is closer to the real world).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -44,8 +45,16 @@ def evaluation_scenes(count: int) -> dict[str, list[Scene]]:
 
 
 def reference_features(scenes: list[Scene]) -> np.ndarray:
+    """Analyzer features of renders of `scenes` (fixed draws), the distance's reference set."""
+    return _reference_features(tuple(scenes))
+
+
+@functools.lru_cache(maxsize=8)  # a report scores every method and step count against the same two prompt sets
+def _reference_features(scenes: tuple[Scene, ...]) -> np.ndarray:
     rng = np.random.default_rng(0)
-    return np.stack([analyze(render(scene, rng)).features for scene in scenes for _ in range(_REFERENCE_RENDERS)])
+    features = np.stack([analyze(render(scene, rng)).features for scene in scenes for _ in range(_REFERENCE_RENDERS)])
+    features.flags.writeable = False  # shared between callers
+    return features
 
 
 def score_images(images: list[np.ndarray], scenes: list[Scene]) -> tuple[dict[str, float], float]:

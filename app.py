@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +36,8 @@ from fastgen import present
 from fastgen.engine import Engine, RunStopped, WeightsMissingError, default_family
 from fastgen.present import PANEL_ORDER, Board
 from fastgen.registry import FAMILIES, family_available, get_family
+from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, CompareRequest, RequestError, check_family,
+                             check_guidance, check_steps, shown)
 
 log = logging.getLogger("fastgen.app")
 
@@ -43,7 +46,6 @@ KNOWN_ERRORS = (ValueError, WeightsMissingError)
 QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is currently busy"
 EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
 GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
-MAX_SEED = 2**32 - 1
 # Families cheap enough (seconds on any CPU) to run the first example as soon as the page opens. Not the
 # full-size ones: on a shared GPU every page view would queue a job.
 FILL_ON_OPEN = {"mini"}
@@ -51,6 +53,30 @@ FILL_ON_OPEN = {"mini"}
 PANEL_OUTPUTS = ("image", "status", "caption", "code")
 RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
 OUTPUT_NAMES = [f"{m}.{o}" for m in PANEL_ORDER for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
+
+def refused(error: RequestError) -> gr.Error:
+    """Bad input: one INFO line (the field and why, never the whole value) and the message for the user."""
+    log.info("refused %s: %s", error.field, error)
+    return gr.Error(str(error), print_exception=False)
+
+
+def failed(message: str) -> gr.Error:
+    """An error the user sees; Gradio does not print a traceback for it (we log what needs one ourselves)."""
+    return gr.Error(message, print_exception=False)
+
+
+def verdicts(error: RequestError | None, fields: list[str]) -> list:
+    """A validator's answer: gr.validate per input, the refused field's carrying the message."""
+    return [gr.validate(error is None or error.field != f, str(error) if error else "") for f in fields]
+
+
+def slider_int(value):
+    """A slider sends 4.0 for 4: the integral floats our own sliders make become ints; anything else is left for
+    the schema to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
 
 def example_prompts(family: str) -> list[str]:
     """The prompt set the UI offers for a family: examples/prompts/<family>.txt, one prompt a line."""
@@ -78,35 +104,31 @@ class Runs:
     def generate(self, request: gr.Request, family: str, prompt: str, negative_prompt: str, seed: float,
                  size: str, board: Board | None, *panel_values) -> Iterator[list]:
         """Run every enabled panel on the same prompt and seed, fastest first, the baseline last."""
-        enabled, steps, guidance = self.panel_settings(family, panel_values)
-        methods = [m for m, on in enabled.items() if on]
-        if not prompt or not prompt.strip():
-            raise gr.Error("Type a prompt first.")
-        if not methods:
-            raise gr.Error("Turn on at least one panel.")
         try:
-            width, height = present.parse_size(size)
-            board = Board.start(family, methods, steps, guidance, prompt=prompt, negative_prompt=negative_prompt or "",
-                                seed=int(seed), width=width, height=height)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            req = self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
+        except RequestError as error:
+            raise refused(error) from None
+        board = Board.start(req.family.name, req.methods, req.steps, req.guidance, prompt=req.prompt,
+                            negative_prompt=req.negative_prompt, seed=req.seed, width=req.width, height=req.height)
         yield self.view(board, list(board.panels), running=True)
 
         def job(on_step, stop):
-            return self.engine.iter_compare(
-                family, prompt, board.order, negative_prompt=negative_prompt or "", seed=int(seed), width=width,
-                height=height, steps={m: steps[m] for m in board.order},
-                guidance={m: guidance[m] for m in board.order}, on_step=on_step, stop=stop)
+            return self.engine.iter_compare(req.family.name, req.prompt, board.order, **req.engine_kwargs(),
+                                            on_step=on_step, stop=stop)
 
         yield from self.follow(board, job, request)
 
     def rerun(self, method: str, request: gr.Request, board: Board | None, enabled: bool, steps: float,
               guidance: float) -> Iterator[list]:
         """Rerun one panel with its new slider values and the last run's prompt, seed and size."""
-        if board is None or not enabled or board.panels.get(method) is None:
+        if not isinstance(board, Board) or not enabled or board.panels.get(method) is None:
             yield [gr.skip()] * len(OUTPUT_NAMES)
             return
-        steps, guidance = int(steps), float(guidance)
+        spec = get_family(board.family).method(method)
+        try:
+            steps, guidance = check_steps(spec, slider_int(steps)), check_guidance(spec, guidance)
+        except RequestError as error:
+            raise refused(error) from None
         board = Board.start(board.family, [method], {method: steps}, {method: guidance}, previous=board)
         s = board.settings
         yield self.view(board, [method], running=True)
@@ -135,11 +157,11 @@ class Runs:
             return
         except KNOWN_ERRORS as exc:  # the engine's errors say what was wrong and what is allowed
             yield self.view(board, board.fail("failed", str(exc)), running=False, export=True)
-            raise gr.Error(str(exc)) from None
+            raise failed(str(exc)) from None
         except Exception:
-            log.exception("run failed: family=%s settings=%s", board.family, board.settings)
+            log.exception("run failed: family=%s prompt=%s", board.family, shown(board.settings.get("prompt")))
             yield self.view(board, board.fail("failed", "Failed"), running=False, export=True)
-            raise gr.Error("Something went wrong on the server; the error has been logged.") from None
+            raise failed("Something went wrong on the server; the error has been logged.") from None
         finally:
             self.switches.release(session, stop)
         yield self.view(board, [], running=False, export=True)
@@ -150,15 +172,42 @@ class Runs:
         return self.engine.comparison(board.family, s["prompt"], board.results(),
                                       negative_prompt=s["negative_prompt"], seed=s["seed"])
 
-    def panel_settings(self, family: str, panel_values) -> tuple[dict, dict, dict]:
-        """Split the flat (toggle, steps, guidance) * PANEL_ORDER inputs into dicts for this family's methods."""
-        names = present.panel_methods(family)
-        enabled, steps, guidance = {}, {}, {}
+    def page_request(self, family, prompt, negative_prompt, seed, size, panel_values) -> CompareRequest:
+        """The page's inputs as a CompareRequest, checked by the same schema as the API's. Raises RequestError."""
+        fam = check_family(family)  # first: which panels count depends on it
+        names = present.panel_methods(fam.name)
+        methods, steps, guidance = [], {}, {}
         for i, method in enumerate(PANEL_ORDER):
             if method in names:
                 on, n, g = panel_values[3 * i: 3 * i + 3]
-                enabled[method], steps[method], guidance[method] = bool(on), int(n), float(g)
-        return enabled, steps, guidance
+                if on is True:
+                    methods.append(method)
+                    steps[method], guidance[method] = slider_int(n), g
+        if not methods:
+            raise RequestError("methods", "Turn on at least one panel.")
+        if size is not None and not isinstance(size, str):
+            raise RequestError("width", f"`size` must be native or WxH, got {shown(size)}")
+        width, height = present.parse_size(size)
+        req = CompareRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
+                                        methods=methods, width=width, height=height, steps=steps,
+                                        guidance=guidance), family=fam)
+        req.check_sizes()
+        return req
+
+    def validate_page(self, family, prompt, negative_prompt, seed, size, board, *panel_values) -> list:
+        """Generate's validator: runs before the job is queued; an error is shown on the field it concerns."""
+        try:
+            self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
+            error = None
+        except RequestError as exc:
+            log.info("refused %s: %s", exc.field, exc)
+            error = exc
+        fields = ["family", "prompt", "negative_prompt", "seed", "width", "board"]
+        panel_fields = [f for _ in PANEL_ORDER for f in ("methods", "steps", "guidance")]
+        checks = verdicts(error, fields + panel_fields)
+        if error is not None and error.field == "height":  # width and height share the size control
+            checks[4] = gr.validate(False, str(error))
+        return checks
 
     def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> list:
         """The output list for `board`: changed panels get new values, the others gr.skip()."""
@@ -197,30 +246,43 @@ class Runs:
 
 
 def compare_api(engine: Engine, default: str):
-    """The `compare` API endpoint: keyword arguments in, the images and the results JSON out."""
+    """The `compare` API endpoint and its validator: keyword arguments in (see FIELDS), the images as PNG files
+    and the results JSON out. Inputs arrive as plain JSON values and go through CompareRequest unchanged."""
+
+    def validate(*values) -> list:
+        try:
+            CompareRequest.parse(dict(zip(FIELDS, values)), family=default).check_sizes()
+            return verdicts(None, list(FIELDS))
+        except RequestError as error:
+            log.info("refused %s: %s", error.field, error)
+            return verdicts(error, list(FIELDS))
 
     @gpu_task
-    def compare(prompt: str, seed: float = 0, negative_prompt: str | None = None, methods: list[str] | None = None,
-                width: float = 0, height: float = 0, family: str | None = None, steps: dict | None = None,
-                guidance: dict | None = None):
-        """Run `methods` (default: all) on one prompt and seed. width/height 0: each method's native size;
+    def compare(prompt: str, seed: int = 0, negative_prompt: str | None = None, methods: list[str] | None = None,
+                width: int | None = None, height: int | None = None, family: str | None = None,
+                steps: dict | None = None, guidance: dict | None = None):
+        """Run `methods` (default: all) on one prompt and seed. width/height None or 0: each method's native size;
         family None: the page's; steps/guidance: {method: value} for the methods to run off their defaults."""
-        family = family or default
+        values = (prompt, seed, negative_prompt, methods, width, height, family, steps, guidance)
         try:
-            methods = list(methods or present.panel_methods(family))
-            comparison = engine.compare(family, prompt, methods, negative_prompt=negative_prompt or "",
-                                        seed=int(seed), width=int(width) or None, height=int(height) or None,
-                                        steps=steps or None, guidance=guidance or None)
+            req = CompareRequest.parse(dict(zip(FIELDS, values)), family=default)
+            req.check_sizes()
+        except RequestError as error:
+            raise refused(error) from None
+        try:
+            comparison = engine.compare(req.family, req.prompt, list(req.methods), **req.engine_kwargs())
         except KNOWN_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
+            raise failed(str(exc)) from None
         except Exception:
-            log.exception("compare failed: family=%s prompt=%r", family, prompt)
-            raise gr.Error("Something went wrong on the server; the error has been logged.") from None
+            log.exception("compare failed: family=%s prompt=%s", req.family.name, shown(req.prompt))
+            raise failed("Something went wrong on the server; the error has been logged.") from None
+        if not comparison.results:  # every panel failed: their messages are the answer
+            raise failed("; ".join(f"{f.label}: {f.message}" for f in comparison.failures))
         gallery = [(r.image, f"{r.label}: {r.steps} steps, guidance {r.guidance:g}, {r.seconds:.2f} s")
                    for r in comparison.results]
         return gallery, comparison.to_dict()
 
-    return compare
+    return compare, validate
 
 
 CSS = """
@@ -248,14 +310,19 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         log.info("loading %s at start-up: %.1f s", family, engine.load(family))
     selectable = [(f.label, name) for name, f in FAMILIES.items() if name == family or family_available(name)]
 
-    with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE)) as demo:
+    # delete_cache: generated files older than an hour go, checked hourly. No usage analytics leave the server
+    # unless the host opts in (GRADIO_ANALYTICS_ENABLED=1).
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() in ("1", "true", "yes")
+    with gr.Blocks(title="FastGen", delete_cache=(EXPORT_MAX_AGE, EXPORT_MAX_AGE), analytics_enabled=analytics) as demo:
         gr.Markdown("# ⚡ FastGen\nFast text-to-image methods side by side with the 50-step baseline: same prompt, "
                     "same seed, honest timings, and the code that reproduces each image.")
         gr.Markdown(f"⚠️ {notice}", visible=bool(notice), elem_classes="fg-notice")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True)
-                negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)")
+                prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True,
+                                    max_length=MAX_PROMPT_CHARS)
+                negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)",
+                                      max_length=MAX_PROMPT_CHARS)
                 examples = gr.Dataset(label="Examples", components=[prompt],
                                       samples=[[p] for p in example_prompts(family)], samples_per_page=6)
             with gr.Column(scale=2):
@@ -287,13 +354,12 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
 
         # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
         with gr.Column(visible=False):
-            api_in = [gr.Textbox(label="prompt"), gr.Number(0, label="seed", precision=0),
-                      gr.Textbox(label="negative_prompt"),
-                      gr.CheckboxGroup(present.panel_methods(family), value=present.panel_methods(family),
-                                       label="methods"),
-                      gr.Number(0, label="width", precision=0), gr.Number(0, label="height", precision=0),
-                      gr.Textbox("", label="family"), gr.JSON({}, label="steps"), gr.JSON({}, label="guidance")]
-            api_out = [gr.Gallery(label="images"), gr.JSON(label="results")]
+            # JSON inputs pass the caller's values through untouched (a Textbox would turn a list into its repr,
+            # a Number would round 2.7): CompareRequest alone decides what is valid.
+            with warnings.catch_warnings():  # gr.JSON warns on a plain number as its value; 0 is the seed's default
+                warnings.simplefilter("ignore", UserWarning)
+                api_in = [gr.JSON(0 if name == "seed" else None, label=name) for name in FIELDS]
+            api_out = [gr.Gallery(label="images", format="png"), gr.JSON(label="results")]  # PNG: lossless
             api_button = gr.Button()
 
         # -- wiring -----------------------------------------------------------------------------------
@@ -304,7 +370,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                         show_progress_on=run_status, api_visibility="private")
 
         gr.on([generate.click, prompt.submit], gpu_task(runs.generate),
-              inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs], **run_args)
+              inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs], validator=runs.validate_page,
+              **run_args)
         if family in FILL_ON_OPEN:  # a visitor sees the comparison at once, not four empty frames
             demo.load(gpu_task(runs.generate), inputs=[family_box, prompt, negative, seed, size, board, *panel_inputs],
                       **run_args)
@@ -323,7 +390,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                           outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,
                                    *[c for m in PANEL_ORDER for c in panels[m].family_outputs()]],
                           api_visibility="private")
-        api_button.click(compare_api(engine, family), inputs=api_in, outputs=api_out, api_name="compare",
+        api_compare, api_validate = compare_api(engine, family)
+        api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
                          concurrency_id=GPU, concurrency_limit=1)
     return demo
 

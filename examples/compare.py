@@ -30,6 +30,9 @@ for result in comparison.results:
     print(f"{result.label:10} {result.steps:3d} steps  guidance {result.guidance:4.1f}  {result.seconds:6.2f} s"
           + (f"  {speedup:5.1f}x faster" if speedup and result.method != "baseline" else ""))
 
+for failure in comparison.failures:
+    print(f"{failure.label:10} failed: {failure.message}")
+
 args.out.mkdir(parents=True, exist_ok=True)
 comparison.grid().save(args.out / "grid.png")
 print(f"grid saved to {args.out / 'grid.png'}")

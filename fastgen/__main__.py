@@ -65,20 +65,24 @@ def _progress(stream=sys.stderr):
 
 def compare(args) -> int:
     from fastgen.engine import Engine
+    from fastgen.request import CompareRequest
 
     family = _family(args)
-    methods = args.methods.split(",") if args.methods else None
     width, height = args.size or (None, None)
+    request = CompareRequest.parse(dict(
+        prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
+        methods=args.methods.split(",") if args.methods else None, steps=dict(args.steps) or None,
+        guidance=dict(args.guidance) or None), family=family)
+    request.check_sizes()
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
-    comparison = engine.compare(
-        family, args.prompt, methods, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
-        steps=dict(args.steps) or None, guidance=dict(args.guidance) or None, on_step=_progress(),
-    )
+    comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
+                                on_step=_progress())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for result in comparison.results:
         result.image.save(out / f"{result.method}.png")
-    comparison.grid().save(out / "grid.png")
+    if comparison.results:
+        comparison.grid().save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(comparison.to_dict(), indent=2))
     for result in comparison.results:
         speedup = comparison.speedup(result.method)
@@ -86,8 +90,11 @@ def compare(args) -> int:
         print(f"{result.label:>16}: {result.steps:>3} steps  {result.seconds:7.2f} s{extra}")
         for warning in result.warnings:
             print(f"{'':>18}warning: {warning}")
-    print(f"wrote {len(comparison.results)} images, grid.png and results.json to {out}")
-    return 0
+    for failure in comparison.failures:
+        print(f"{failure.label:>16}: failed: {failure.message}", file=sys.stderr)
+    print(f"wrote {len(comparison.results)} images, {'grid.png and ' if comparison.results else ''}results.json "
+          f"to {out}")
+    return 1 if comparison.failures else 0
 
 
 def download(args) -> int:

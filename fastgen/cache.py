@@ -124,7 +124,11 @@ class ComponentCache:
                 adapter = f"lora_{lora_key[:12]}"
                 before = module_bytes(unet.module)
                 logger.info("loading LoRA %s onto %s", source, unet.source)
-                load(adapter)
+                try:
+                    load(adapter)
+                except BaseException:  # a half-loaded adapter may sit in the UNet: drop the UNet, it reloads clean
+                    self.evict(unet_key)
+                    raise
                 self._set_lora(unet.module, adapter, enabled=False)
                 self.loads += 1
                 item = self._items[key] = Component(key, "lora", source, None, module_bytes(unet.module) - before,

@@ -23,23 +23,26 @@ from fastgen import hub
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
 from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
-from fastgen.results import Comparison, MethodResult
+from fastgen.request import (MAX_SEED, MAX_SIZE, check_guidance, check_int, check_methods, check_per_method,
+                             check_size, check_steps, check_text)
+from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
-__all__ = ["Engine", "MethodResult", "Comparison", "RunStopped", "WeightsMissingError", "default_family",
+__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError", "WeightsMissingError", "default_family",
            "pick_device", "pick_dtype", "MAX_SIZE", "MAX_SEED"]
 
 logger = logging.getLogger(__name__)
 
-MAX_SIZE = 2048  # pixels per side: past this SDXL on a 24 GB card runs out of memory, and no method was trained there
-MIN_SIZE = 64
-MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts any int, but the UI and results.json promise this range
 WeightsMissingError = MissingWeightsError
 OnStep = Callable[[str, int, int], None]
 
 
 class RunStopped(Exception):
     """A run was stopped between two steps through its `stop` event."""
+
+
+class ComponentLoadError(RuntimeError):
+    """A component's files are on disk but do not load (corrupt, truncated, wrong format)."""
 
 
 # --- device and dtype: the one place they are chosen ------------------------------------------------------
@@ -87,54 +90,26 @@ def default_family() -> str:
     raise MissingWeightsError([r for f in FAMILIES.values() for r in f.repos], family="sdxl")
 
 
-# --- validation: a clear ValueError, never a silent fix -----------------------------------------------------
+def _loading(name: str, source: hub.Source, family: Family, load: Callable) -> Callable:
+    """`load`, with any failure to read files that are on disk turned into one ComponentLoadError that says
+    which component, from where, and how to get a good copy."""
 
-def _check_int(name: str, value, low: int, high: int, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}]{what}, got {value!r}")
-    return value
+    def guarded(*args):
+        try:
+            return load(*args)
+        except MissingWeightsError:
+            raise
+        except Exception as error:
+            if hub.is_local(source.repo):  # the folder's name only: a server's paths are not for its visitors
+                where = Path(source.repo).name
+                fix = f"the files in {where}/ may be corrupt or truncated: restore them"
+            else:
+                where = source.label
+                cmd = "python -m fastgen download" + (f" --family {family.name}" if family.name in FAMILIES else "")
+                fix = f"the files may be corrupt or truncated: delete them from the Hub cache and run `{cmd}`"
+            raise ComponentLoadError(f"could not load {name} from {where} ({type(error).__name__}); {fix}") from error
 
-
-def check_size(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
-        raise ValueError(f"`{name}` must be a multiple of 8 in [{MIN_SIZE}, {MAX_SIZE}], got {value!r}")
-    return value
-
-
-def check_steps(spec: MethodSpec, steps) -> int:
-    return _check_int("steps", steps, spec.min_steps, spec.max_steps, f" for {spec.name}")
-
-
-def check_guidance(spec: MethodSpec, guidance) -> float:
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
-        spec.min_guidance <= guidance <= spec.max_guidance
-    ):
-        raise ValueError(
-            f"`guidance` must be in [{spec.min_guidance:g}, {spec.max_guidance:g}] for {spec.name}, got {guidance!r}"
-        )
-    return float(guidance)
-
-
-def check_methods(family: Family, methods) -> list[str]:
-    methods = list(family.method_names if methods is None else methods)
-    if not methods:
-        raise ValueError(f"`methods` must name at least one of {family.method_names}, got an empty list")
-    for name in methods:
-        family.method(name)
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"`methods` must not repeat a method, got {methods}")
-    return methods
-
-
-def _per_method(name: str, value, methods: list[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"`{name}` must be a dict of method -> value, got {value!r}")
-    unknown = [m for m in value if m not in methods]
-    if unknown:
-        raise ValueError(f"`{name}` names methods that are not run: {unknown}; methods run: {methods}")
-    return value
+    return guarded
 
 
 def _is_module(cls) -> bool:
@@ -207,6 +182,7 @@ class Engine:
         parts = {}
         for name, (key, source, where, files, cls) in plan.items():
             load = lambda source=source, where=where, files=files, cls=cls: self._load(cls, where, source, files)
+            load = _loading(name, source, family, load)
             estimate = sum((where / f).stat().st_size for f in files) * self._widening(source, files)
             parts[name] = self.cache.get(key, name, source.label, load, user, pinned, int(estimate))
         if spec.fp16_unsafe_vae and "vae" in parts:
@@ -223,6 +199,8 @@ class Engine:
 
             def load_lora(adapter):
                 pipe.load_lora_weights(str(where), weight_name=spec.lora_weight_name, adapter_name=adapter)
+
+            load_lora = _loading("lora", source, family, load_lora)
 
             lora_key = self.cache.attach_lora(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned)
         return pipe, sorted(pinned), lora_key
@@ -292,9 +270,9 @@ class Engine:
         height = check_size("height", spec.native_size if height is None else height)
         steps = check_steps(spec, spec.steps if steps is None else steps)
         guidance = check_guidance(spec, spec.guidance if guidance is None else guidance)
-        _check_int("seed", seed, 0, MAX_SEED)
-        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-            raise ValueError(f"`prompt` and `negative_prompt` must be strings, got {prompt!r}, {negative_prompt!r}")
+        check_int("seed", seed, 0, MAX_SEED)
+        check_text("prompt", prompt, required=True)
+        check_text("negative_prompt", negative_prompt, required=False)
         with self._run_lock:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"{spec.name} stopped before it started")
@@ -399,38 +377,68 @@ class Engine:
                      negative_prompt: str = "", seed: int = 0, width: int | None = None,
                      height: int | None = None, steps: dict[str, int] | None = None,
                      guidance: dict[str, float] | None = None, on_step: OnStep | None = None,
-                     stop: threading.Event | None = None) -> Iterator[MethodResult]:
+                     stop: threading.Event | None = None) -> Iterator[MethodResult | MethodFailure]:
         """Run `methods` (default: all of the family's, in its order) on one prompt and seed; yield each result
-        as it is ready. Every argument is checked before the first run starts."""
+        as it is ready. Every argument is checked before the first run starts. A panel that fails (weights
+        missing or corrupt, out of memory, any error) yields a MethodFailure and the next one runs; a stop
+        raises RunStopped."""
         family = get_family(family)
         methods = check_methods(family, methods)
-        steps = _per_method("steps", steps, methods)
-        guidance = _per_method("guidance", guidance, methods)
+        steps = check_per_method("steps", steps, family, methods)
+        guidance = check_per_method("guidance", guidance, family, methods)
         for name in methods:
             spec = family.method(name)
             check_size("width", spec.native_size if width is None else width)
             check_size("height", spec.native_size if height is None else height)
-            if name in steps:
-                check_steps(spec, steps[name])
-            if name in guidance:
-                check_guidance(spec, guidance[name])
-        _check_int("seed", seed, 0, MAX_SEED)
+        check_int("seed", seed, 0, MAX_SEED)
+        check_text("prompt", prompt, required=True)
+        check_text("negative_prompt", negative_prompt, required=False)
         for name in methods:
-            yield self.run(family, name, prompt, negative_prompt=negative_prompt, seed=seed, width=width,
-                           height=height, steps=steps.get(name), guidance=guidance.get(name), on_step=on_step,
-                           stop=stop)
+            spec = family.method(name)
+            try:
+                outcome = self.run(family, name, prompt, negative_prompt=negative_prompt, seed=seed, width=width,
+                                   height=height, steps=steps.get(name), guidance=guidance.get(name),
+                                   on_step=on_step, stop=stop)
+            except RunStopped:
+                raise
+            except Exception as error:  # one panel's fault: say what failed, and run the others
+                outcome = self._failure(family, spec, error, width or spec.native_size, height or spec.native_size)
+            yield outcome
+
+    def _failure(self, family: Family, spec: MethodSpec, error: Exception, width: int, height: int) -> MethodFailure:
+        """A failed panel, with the message its user needs. Known faults log one line; others their traceback."""
+        import torch
+
+        if isinstance(error, MissingWeightsError):
+            kind, message = "missing-weights", str(error)
+        elif isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            kind = "out-of-memory"
+            message = (f"{spec.label} ran out of memory at {width}x{height} on {self.device}: try a smaller size "
+                       "or fewer panels")
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        elif isinstance(error, ComponentLoadError):
+            kind, message = "load-failed", str(error)
+        else:
+            kind, message = "error", f"{spec.label} failed ({type(error).__name__}); the error has been logged"
+            logger.error("%s/%s failed", family.name, spec.name, exc_info=error)
+        if kind != "error":
+            logger.warning("%s/%s failed: %s", family.name, spec.name, message)
+        return MethodFailure(method=spec.name, label=spec.label, kind=kind, message=message)
 
     def compare(self, family: str | Family, prompt: str, methods: list[str] | None = None, **kwargs) -> Comparison:
         family = get_family(family)
-        results = list(self.iter_compare(family, prompt, methods, **kwargs))
-        return self.comparison(family, prompt, results, negative_prompt=kwargs.get("negative_prompt", ""),
+        outcomes = list(self.iter_compare(family, prompt, methods, **kwargs))
+        return self.comparison(family, prompt, outcomes, negative_prompt=kwargs.get("negative_prompt", ""),
                                seed=kwargs.get("seed", 0))
 
-    def comparison(self, family: str | Family, prompt: str, results: list[MethodResult], *,
+    def comparison(self, family: str | Family, prompt: str, outcomes: list[MethodResult | MethodFailure], *,
                    negative_prompt: str = "", seed: int = 0) -> Comparison:
-        """Gather results (from `iter_compare`) into a Comparison with the cache report for their methods."""
+        """Gather what `iter_compare` yielded into a Comparison with the cache report for the methods that ran."""
         family = get_family(family)
+        results = [r for r in outcomes if isinstance(r, MethodResult)]
+        failures = [r for r in outcomes if isinstance(r, MethodFailure)]
         users = [f"{family.name}/{r.method}" for r in results]
         return Comparison(family=family.name, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                           device=self.device, dtype=self.dtype_name, results=results,
-                          cache=self.cache.report(users))
+                          cache=self.cache.report(users), failures=failures)

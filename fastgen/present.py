@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from fastgen.registry import get_family
+from fastgen.results import MethodFailure
 
 # The layout order of the panels: fastest method on the left, the 50-step baseline on the right.
 PANEL_ORDER = ("turbo", "lcm", "lcm-lora", "baseline")
@@ -132,7 +133,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Done:
-    result: Any  # fastgen.engine.MethodResult
+    result: Any  # fastgen.results.MethodResult, or MethodFailure for a panel that failed
 
 
 def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: threading.Event | None = None,
@@ -271,6 +272,11 @@ class Board:
             return [event.method]
         result = event.result
         panel = self.panels[result.method]
+        if isinstance(result, MethodFailure):  # this panel failed; the run goes on with the next
+            kept = " (the image is from the previous run)" if panel.result is not None else ""
+            panel.state, panel.message = "failed", result.message + kept
+            upcoming = self._start_next()
+            return [result.method] + ([upcoming] if upcoming else [])
         panel.state, panel.result, panel.step, panel.total = "done", result, result.steps, result.steps
         upcoming = self._start_next()
         # A new baseline time changes every panel's speed-up.

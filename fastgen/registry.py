@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fastgen.mini import WEIGHTS as MINI_WEIGHTS
+
 METHOD_NAMES = ("baseline", "turbo", "lcm", "lcm-lora")
 # Scheduler choices as strings; "default" keeps the class the repo's scheduler_config.json names.
 SCHEDULERS = {
@@ -27,7 +29,6 @@ PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline", "LatentCons
 # LCMScheduler raises for more steps than its original_inference_steps (50): the slider must never get there.
 LCM_MAX_STEPS = 50
 TURBO_LICENCE = "Stability AI community licence: non-commercial use (a licence from Stability AI is needed otherwise)"
-MINI_WEIGHTS = Path(__file__).resolve().parent / "mini" / "weights"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What a run returns: one `MethodResult` per panel, gathered in a `Comparison` (results.json and the grid)."""
+"""What a run returns: one `MethodResult` per panel (a `MethodFailure` for a panel that failed), gathered in a
+`Comparison` (results.json and the grid)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ class MethodResult:
 
 
 @dataclass
+class MethodFailure:
+    """A panel that did not finish: the others ran. `kind`: missing-weights, load-failed, out-of-memory, error."""
+
+    method: str
+    label: str
+    kind: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Comparison:
     family: str
     prompt: str
@@ -44,6 +58,7 @@ class Comparison:
     dtype: str
     results: list[MethodResult]
     cache: list[dict]  # ComponentCache.report() rows for the components these methods used
+    failures: list[MethodFailure] = field(default_factory=list)  # panels that failed; `results` holds the rest
 
     def result(self, method: str) -> MethodResult:
         for result in self.results:
@@ -67,7 +82,7 @@ class Comparison:
         return {
             "family": self.family, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "seed": self.seed, "device": self.device, "dtype": self.dtype, "results": results,
-            "cache": {"components": self.cache},
+            "cache": {"components": self.cache}, "failures": [f.to_dict() for f in self.failures],
         }
 
     def grid(self) -> Image.Image:

@@ -221,7 +221,7 @@ def test_downloads_carry_settings(runs):
 
 
 @pytest.mark.parametrize("prompt, values, message", [
-    ("  ", None, "Type a prompt"),
+    ("  ", None, "`prompt` must not be empty"),
     ("a red circle", defaults(off=PANEL_ORDER), "Turn on at least one panel"),
 ])
 def test_bad_input_is_a_gr_error(runs, prompt, values, message):

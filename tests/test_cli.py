@@ -55,7 +55,7 @@ def test_compare_writes_images_grid_and_results(fake_hub, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--methods", "turbo,hyper"], "`method` must be one of"),
+        (["--methods", "turbo,hyper"], "`methods` must be chosen from"),
         (["--steps", "lcm=60", "--methods", "lcm"], r"[1, 8]"),
         (["--size", "100x100"], "multiple of 8"),
         (["--seed", "-3"], "`seed` must be an integer in [0, 4294967295]"),

@@ -67,7 +67,8 @@ def failed(message: str) -> gr.Error:
 
 def verdicts(error: RequestError | None, fields: list[str]) -> list:
     """A validator's answer: gr.validate per input, the refused field's carrying the message."""
-    return [gr.validate(error is None or error.field != f, str(error) if error else "") for f in fields]
+    refused_field = error.field if error is not None else None
+    return [gr.validate(f != refused_field, str(error) if f == refused_field else "") for f in fields]
 
 
 def slider_int(value):

@@ -13,6 +13,7 @@ bad value raises `RequestError`, a `ValueError` whose message names the field an
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,6 +38,11 @@ def shown(value, limit: int = 40) -> str:
     """A value as it goes into a message or a log line: its repr, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _visible(ch: str) -> bool:
+    """Not white space, a control or an invisible format character (zero-width space, direction marks)."""
+    return not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
 
 
 def _is_int(value) -> bool:
@@ -68,7 +74,7 @@ def check_text(name: str, value, *, required: bool) -> str:
         raise RequestError(name, f"`{name}` must be valid Unicode text, got a lone surrogate") from None
     if "\x00" in value:
         raise RequestError(name, f"`{name}` must not contain NUL characters")
-    if required and not value.strip():
+    if required and not any(_visible(ch) for ch in value):
         raise RequestError(name, f"`{name}` must not be empty, got {shown(value)}")
     return value
 

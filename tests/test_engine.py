@@ -417,3 +417,88 @@ def test_load_fills_the_cache_so_the_first_run_loads_nothing(fake_hub):
     assert fresh.cache.loads == loaded, "everything lcm-lora needs was already loaded"
     assert {"sd15/turbo", "sd15/lcm-lora"} <= {u for row in fresh.cache.report() for u in row["used_by"]}
     assert result.image.size == (64, 64)
+
+
+# --- faults confined to one panel -----------------------------------------------------------------------------
+
+@pytest.fixture
+def own_mini(tmp_path):
+    """A mini layout of this test's own, so a test may corrupt its files."""
+    from tests.fakehub import build_mini, mini_family
+
+    return mini_family(build_mini(tmp_path / "mini"))
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return data
+
+
+@pytest.mark.parametrize("method, file", [
+    ("lcm", "lcm/diffusion_pytorch_model.safetensors"),
+    ("lcm-lora", "lcm-lora/pytorch_lora_weights.safetensors"),
+    ("turbo", "turbo/unet/diffusion_pytorch_model.safetensors"),
+])
+def test_a_corrupt_weight_file_fails_its_panel_alone_and_loads_afresh_once_fixed(own_mini, method, file, caplog):
+    from pathlib import Path
+
+    path = Path(own_mini.method("lcm").unet_repo).parent / file
+    fresh = Engine(device="cpu")
+    clean = fresh.compare(own_mini, PROMPT, steps=STEPS)  # the reference images, all components cached
+    fresh.cache.clear()
+    original = truncate(path)
+    broken = fresh.compare(own_mini, PROMPT, steps=STEPS)
+    assert [f.method for f in broken.failures] == [method]
+    failure = broken.failures[0]
+    assert failure.kind == "load-failed" and "corrupt or truncated" in failure.message
+    assert str(path.parent.parent) not in failure.message  # the folder's name, not the server's path
+    assert [r.method for r in broken.results] == [m for m in own_mini.method_names if m != method]
+    for result in broken.results:  # the others are untouched, the reference never sees a half-loaded LoRA
+        assert_same_image(result.image, clean.result(result.method).image, tolerance=0)
+    assert not any("Traceback" in r.getMessage() or r.exc_info for r in caplog.records)
+    path.write_bytes(original)
+    again = fresh.run(own_mini, method, PROMPT, steps=STEPS.get(method))
+    assert_same_image(again.image, clean.result(method).image, tolerance=0)
+
+
+def test_out_of_memory_fails_its_panel_alone(own_mini, monkeypatch):
+    fresh = Engine(device="cpu")
+    real = Engine._generate
+
+    def lcm_runs_out(self, pipe, spec, *args, **kwargs):  # a test double for an allocator that gives up
+        if spec.name == "lcm":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(self, pipe, spec, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_generate", lcm_runs_out)
+    comparison = fresh.compare(own_mini, PROMPT, steps=STEPS)
+    assert [(f.method, f.kind) for f in comparison.failures] == [("lcm", "out-of-memory")]
+    assert "out of memory at 64x64" in comparison.failures[0].message
+    assert [r.method for r in comparison.results] == ["turbo", "lcm-lora", "baseline"]
+    assert comparison.to_dict()["failures"][0]["method"] == "lcm"
+    monkeypatch.setattr(Engine, "_generate", real)
+    assert fresh.run(own_mini, "lcm", PROMPT).image.size == (64, 64)
+
+
+def test_an_unexpected_error_fails_its_panel_and_keeps_its_traceback_in_the_log(own_mini, monkeypatch, caplog):
+    real = Engine._generate
+
+    def broken(self, pipe, spec, *args, **kwargs):
+        if spec.name == "turbo":
+            raise RuntimeError("something nobody planned for")
+        return real(self, pipe, spec, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_generate", broken)
+    comparison = Engine(device="cpu").compare(own_mini, PROMPT, ["turbo", "lcm"])
+    assert comparison.failures[0].kind == "error" and "RuntimeError" in comparison.failures[0].message
+    assert "nobody planned" not in comparison.failures[0].message  # internals stay in the log
+    assert any(r.exc_info and "nobody planned" in str(r.exc_info[1]) for r in caplog.records)
+    assert [r.method for r in comparison.results] == ["lcm"]
+
+
+def test_a_stop_still_ends_the_whole_comparison(own_mini):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RunStopped):
+        list(Engine(device="cpu").iter_compare(own_mini, PROMPT, ["turbo", "lcm"], stop=stop))

@@ -106,3 +106,139 @@ def test_a_full_queue_says_the_demo_is_busy(monkeypatch):
         demo.close()
     assert outcomes.count(1) == 2, outcomes
     assert any("Queue is full" in str(o) for o in outcomes), outcomes
+
+
+# --- hardening: bad input, huge prompts, lossless images, hosting settings --------------------------------------
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def test_every_bad_input_is_a_clear_error_naming_its_field(served, caplog, capfd):
+    """The corpus through the API: each a validation error naming the field, in under a second, refused before
+    it is queued; the log holds one INFO line per refusal and no traceback; the server then answers normally."""
+    import logging
+
+    import httpx
+
+    from tests.bad_inputs import BAD_REQUESTS, RAW_ONLY
+
+    url, _ = served
+    client = Client(url, verbose=False)
+    caplog.set_level(logging.INFO, logger="fastgen.app")
+    slow, unclear = [], []
+    for fields, field in BAD_REQUESTS:
+        start = time.monotonic()
+        with pytest.raises(Exception) as error:
+            client.predict(**{"prompt": "a red circle", **fields}, api_name="/compare")
+        seconds = time.monotonic() - start
+        if f"- {field}: `{field}`" not in str(error.value):
+            unclear.append((fields, str(error.value)[:200]))
+        if seconds >= 1.0:
+            slow.append((str(fields)[:60], round(seconds, 2)))
+    for body, field in RAW_ONLY:  # NaN, inf and lone surrogates: no client library sends them, a raw POST can
+        start = time.monotonic()
+        response = httpx.post(f"{url}gradio_api/call/compare", content=f'{{"data": {body}}}',
+                              headers={"content-type": "application/json"}, timeout=10)
+        seconds = time.monotonic() - start
+        refused = [d for d in response.json().get("detail", []) if not d["is_valid"]]
+        if response.status_code != 422 or [d["parameter_name"] for d in refused] != [field] \
+                or f"`{field}`" not in refused[0]["message"]:
+            unclear.append((body[:60], response.status_code, response.text[:200]))
+        if seconds >= 1.0:
+            slow.append((body[:60], round(seconds, 2)))
+    assert len(BAD_REQUESTS) + len(RAW_ONLY) >= 60
+    assert not unclear, unclear
+    assert not slow, slow
+    refusals = [r for r in caplog.records if r.name == "fastgen.app" and r.getMessage().startswith("refused ")]
+    assert len(refusals) == len(BAD_REQUESTS) + len(RAW_ONLY)
+    assert all(r.levelname == "INFO" and r.exc_info is None and len(r.getMessage()) < 400 for r in refusals)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    images, results = client.predict(prompt="a red circle", methods=["turbo"], api_name="/compare")
+    assert len(images) == 1 and results["results"][0]["method"] == "turbo"
+
+
+def test_a_megabyte_prompt_is_refused_at_once_and_costs_no_memory(served):
+    url, _ = served
+    client = Client(url, verbose=False)
+    huge = "x" * 2**20
+    client.predict(prompt="a red circle", methods=["turbo"], api_name="/compare")  # warm: weights loaded
+    before = rss()
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(Exception, match=r"`prompt` must be at most 2000 characters, got 1048576"):
+            client.predict(prompt=huge, api_name="/compare")
+        assert time.monotonic() - start < 1.0
+    assert rss() - before < 50 * 2**20
+
+
+def test_api_images_are_png_and_equal_the_engines_exactly(served, fake_mini):
+    import numpy as np
+
+    url, _ = served
+    images, results = Client(url, verbose=False).predict(prompt="a blue square", seed=11, methods=["turbo", "lcm"],
+                                                         steps={"lcm": 2}, api_name="/compare")
+    engine = Engine(device="cpu")
+    for item, result in zip(images, results["results"]):
+        with Image.open(item["image"]) as image:
+            assert image.format == "PNG"
+            served_pixels = np.asarray(image.convert("RGB"))
+        own = engine.run(fake_mini, result["method"], "a blue square", seed=11, steps=result["steps"])
+        assert np.array_equal(served_pixels, np.asarray(own.image.convert("RGB"))), result["method"]
+
+
+def test_the_code_field_names_no_server_path(served):
+    from fastgen.mini import WEIGHTS
+
+    url, _ = served
+    _, results = Client(url, verbose=False).predict(prompt="a red circle", methods=["lcm-lora"], api_name="/compare")
+    code = results["results"][0]["code"]
+    assert "/" + WEIGHTS.parent.parent.name not in code and "fastgen-" not in code  # neither repo nor temp paths
+    assert str(WEIGHTS) not in code
+
+
+def test_files_outside_the_apps_outputs_are_refused(served, fake_mini):
+    """Traversal probes, plain and encoded, at /gradio_api/file=; the app's own outputs are served."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    import httpx
+
+    url, _ = served
+    images, _ = Client(url, verbose=False).predict(prompt="a red circle", methods=["turbo"], api_name="/compare")
+    own = Path(app.__file__).resolve()
+    weights = Path(fake_mini.method("turbo").repo) / "model_index.json"
+    secrets = {"/etc/passwd": Path("/etc/passwd").read_bytes(), str(own): own.read_bytes(),
+               str(weights): weights.read_bytes()}
+    probes = []
+    for target in secrets:
+        up = "../" * 12 + target.lstrip("/")
+        probes += [target, up, quote(target, safe=""), quote(up, safe=""), quote(quote(up, safe=""), safe=""),
+                   up.replace("/", "%2f"), up.replace("../", "..%2f"), up.replace("../", "%2e%2e/"),
+                   up.replace("/", "\\"), "." + target]
+    probes += ["app.py", "./app.py", "fastgen/mini/weights/base/model_index.json", "/proc/self/environ",
+               "~/.bashrc", "%00app.py"]
+    with httpx.Client(timeout=10) as http:
+        leaked = []
+        for probe in probes:
+            response = http.get(f"{url}gradio_api/file={probe}")
+            if response.status_code == 200 and any(body[:64] in response.content for body in secrets.values()):
+                leaked.append(probe)
+        served_image = http.get(f"{url}gradio_api/file={images[0]['image']}")
+    assert len(probes) >= 30 and not leaked, leaked
+    assert served_image.status_code == 200 and served_image.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_public_hosting_settings(served):
+    """What a public Space must hold: no share link, no server errors shown to visitors, a 1 MB upload cap,
+    generated files deleted after an hour, no usage analytics, a bounded queue."""
+    _, demo = served
+    assert demo.share is False and demo.share_url is None
+    assert demo.show_error is False
+    assert demo.max_file_size == 2**20  # "1mb" in Gradio's units
+    assert demo.delete_cache == (app.EXPORT_MAX_AGE, app.EXPORT_MAX_AGE)
+    assert demo.analytics_enabled is False
+    assert demo._queue.max_size == app.QUEUE_SIZE

@@ -229,6 +229,61 @@ def test_bad_input_is_a_gr_error(runs, prompt, values, message):
         generate(runs, prompt=prompt, values=values)
 
 
+@pytest.mark.parametrize("change, field", [
+    (dict(prompt="x" * 2001), "prompt"),
+    (dict(prompt="\u200b"), "prompt"),
+    (dict(negative="x" * 5000), "negative_prompt"),
+    (dict(seed=2.5), "seed"),
+    (dict(seed=True), "seed"),
+    (dict(seed=-3), "seed"),
+    (dict(size="4096x4096"), "width"),
+    (dict(size="64x100"), "height"),
+    (dict(family="../sdxl"), "family"),
+    (dict(steps=2.5), "steps"),
+    (dict(steps=99), "steps"),
+    (dict(off=PANEL_ORDER), "methods"),
+])
+def test_generate_validator_marks_the_field_before_anything_is_queued(runs, change, field, caplog):
+    """Private page events are reachable over raw HTTP too: the page's inputs go through the same schema."""
+    inputs = dict(family="mini", prompt="a red circle", negative="", seed=7, size="native")
+    values = defaults(off=change.pop("off", ()))
+    if "steps" in change:
+        values[PANEL_ORDER.index("lcm") * 3 + 1] = change.pop("steps")
+    inputs.update(change)
+    with caplog.at_level(logging.INFO, logger="fastgen.app"):
+        checks = runs.validate_page(inputs["family"], inputs["prompt"], inputs["negative"], inputs["seed"],
+                                    inputs["size"], None, *values)
+    refused = [i for i, c in enumerate(checks) if not c["is_valid"]]
+    assert refused and all(f"`{field}`" in checks[i]["message"] or field == "methods" for i in refused)
+    names = ["family", "prompt", "negative_prompt", "seed", "width", "board"]
+    if field in names or field == "height":
+        assert refused == [names.index("width" if field == "height" else field)]
+    assert [r.levelname for r in caplog.records if r.getMessage().startswith("refused")] == ["INFO"]
+    assert runs.engine.calls == []
+    ok = runs.validate_page("mini", "a red circle", "", 7, "native", None, *defaults())
+    assert all(c["is_valid"] for c in ok)
+
+
+def test_a_failed_panel_says_why_and_the_others_finish(tmp_path):
+    from fastgen.results import MethodFailure
+
+    class OneFails(FakeEngine):
+        def iter_compare(self, family, prompt, methods=None, **kw):
+            for outcome in super().iter_compare(family, prompt, methods, **kw):
+                if outcome.method == "lcm":
+                    yield MethodFailure("lcm", "LCM", "out-of-memory", "LCM ran out of memory at 64x64 on cpu")
+                else:
+                    yield outcome
+
+    updates = generate(app.Runs(OneFails(), tmp_path))
+    final = updates[-1]
+    assert "ran out of memory" in final["lcm.status"] or any("ran out of memory" in str(u["lcm.status"])
+                                                             for u in updates)
+    board = final["board"]
+    assert board.panels["lcm"].state == "failed" and board.panels["lcm"].result is None
+    assert [m for m, p in board.panels.items() if p.state == "done"] == ["turbo", "lcm-lora", "baseline"]
+
+
 def test_engine_value_error_reaches_the_user(tmp_path):
     runs = app.Runs(FakeEngine(fail={"lcm": ValueError("`steps` for lcm must be in [1, 8], got 9")}), tmp_path)
     with pytest.raises(gr.Error, match=r"must be in \[1, 8\], got 9"):

@@ -11,6 +11,9 @@ memory growth from after the warm-up to the end. Local only: the URL must be a l
 
 from __future__ import annotations
 
+import os
+
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"  # the client's telemetry thread deadlocks under gevent; also: local only
 import httpcore  # noqa: F401  before locust's gevent patching, which removes select.epoll that trio (httpcore) needs
 from gradio_client import Client
 from locust import User, events, task
@@ -21,7 +24,6 @@ import argparse
 import hashlib
 import ipaddress
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
 
     try:
         catalogue = requests_set(args)
-        solo_client = Client(url, verbose=False)
+        solo_client = Client(url, verbose=False, analytics_enabled=False)
         solo = {}  # request index -> fingerprints of its images, run alone (this also warms every method up)
         for i, request in enumerate(catalogue):
             solo[i] = fingerprints(solo_client.predict(**request, api_name="/compare")[0])
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             counter = iter(range(10**9))
 
             def on_start(self):
-                self.client = Client(url, verbose=False)
+                self.client = Client(url, verbose=False, analytics_enabled=False)
                 self.index = next(Visitor.counter)
                 self.sent = 0
 

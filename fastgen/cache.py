@@ -75,6 +75,7 @@ class Component:
     last_used: int = 0
     parent: str | None = None  # a LoRA's UNet
     adapter: str | None = None  # a LoRA's adapter name on that UNet
+    scale: float = 1.0  # a LoRA's weight while it is active
 
 
 class ComponentCache:
@@ -113,7 +114,7 @@ class ComponentCache:
             return item.module
 
     def attach_lora(self, unet_key: str, lora_key: str, source: str, load: Callable[[str], None], user: str,
-                    pinned: Iterable[str] = ()) -> str:
+                    pinned: Iterable[str] = (), scale: float = 1.0) -> str:
         """Load a LoRA as a named adapter on the cached UNet `unet_key` (once) and leave it disabled.
         `load(adapter_name)` does the loading; returns the adapter name."""
         key = f"{lora_key}@{unet_key[:16]}"
@@ -132,7 +133,7 @@ class ComponentCache:
                 self._set_lora(unet.module, adapter, enabled=False)
                 self.loads += 1
                 item = self._items[key] = Component(key, "lora", source, None, module_bytes(unet.module) - before,
-                                                    parent=unet_key, adapter=adapter)
+                                                    parent=unet_key, adapter=adapter, scale=scale)
                 self._make_room(0, set(pinned) | {key, unet_key})
             item.used_by.add(user)
             item.last_used = next(self._clock)
@@ -164,16 +165,16 @@ class ComponentCache:
         unet = self._items[item.parent]
         if unet.holder != threading.get_ident():
             raise RuntimeError(f"a LoRA may only be enabled by the run holding its UNet ({unet.source})")
-        self._set_lora(unet.module, item.adapter, enabled=True)
+        self._set_lora(unet.module, item.adapter, enabled=True, scale=item.scale)
         try:
             yield
         finally:
             self._set_lora(unet.module, item.adapter, enabled=False)
 
     @staticmethod
-    def _set_lora(unet, adapter: str, enabled: bool) -> None:
-        if enabled:
-            unet.set_adapters([adapter])
+    def _set_lora(unet, adapter: str, enabled: bool, scale: float = 1.0) -> None:
+        if enabled:  # this adapter alone: another one on the same UNet (LCM-LoRA, Hyper-SD) stays inactive
+            unet.set_adapters([adapter], weights=[scale])
             unet.enable_lora()
         else:
             unet.disable_lora()

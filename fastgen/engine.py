@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -112,6 +113,12 @@ def _loading(name: str, source: hub.Source, family: Family, load: Callable) -> C
     return guarded
 
 
+def call_kwargs(spec: MethodSpec) -> dict:
+    """The recipe's extra pipeline-call arguments; tuples in the registry (frozen data) become the lists
+    diffusers expects."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.call_kwargs}
+
+
 def _is_module(cls) -> bool:
     import torch
 
@@ -131,7 +138,7 @@ class Engine:
         self.dtype = pick_dtype(self.device, dtype)
         budget = default_budget(self.device) if memory_budget is None else memory_budget
         self.cache = ComponentCache(budget=budget, device=self.device)
-        self._schedulers: dict[tuple[str, str], object] = {}  # (family, method) -> its own scheduler
+        self._schedulers: dict[tuple, object] = {}  # (family, method, scheduler, kwargs) -> its own instance
         self._warm: set[tuple[str, str, int, int]] = set()
         self._run_lock = threading.Lock()
 
@@ -176,12 +183,18 @@ class Engine:
                 config = hub.read_json(where / (f"{source.subfolder}/config.json" if source.subfolder else "config.json"))
                 cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
             dtype = self.dtype if _is_module(cls) else None
-            plan[name] = (ComponentCache.key(source, where, files, dtype), source, where, files, cls)
+            key = ComponentCache.key(source, where, files, dtype)
+            if source.weight_name is not None:  # a state dict: its module is the base UNet's config plus the file
+                key = f"{key}+{hub.file_digest(folder / 'unet' / 'config.json')[:16]}"
+            plan[name] = (key, source, where, files, cls)
 
         pinned = {key for key, *_ in plan.values()}
         parts = {}
         for name, (key, source, where, files, cls) in plan.items():
-            load = lambda source=source, where=where, files=files, cls=cls: self._load(cls, where, source, files)
+            if source.weight_name is not None:
+                load = lambda where=where, source=source: self._load_state_dict_unet(folder, where / source.weight_name)
+            else:
+                load = lambda source=source, where=where, files=files, cls=cls: self._load(cls, where, source, files)
             load = _loading(name, source, family, load)
             estimate = sum((where / f).stat().st_size for f in files) * self._widening(source, files)
             parts[name] = self.cache.get(key, name, source.label, load, user, pinned, int(estimate))
@@ -202,7 +215,8 @@ class Engine:
 
             load_lora = _loading("lora", source, family, load_lora)
 
-            lora_key = self.cache.attach_lora(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned)
+            lora_key = self.cache.attach_lora(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned,
+                                              scale=spec.lora_scale)
         return pipe, sorted(pinned), lora_key
 
     @staticmethod
@@ -225,6 +239,28 @@ class Engine:
         variant = source.variant if any(hub.weight_variant(f) == source.variant for f in files) else None
         return cls.from_pretrained(folder, variant=variant, dtype=self.dtype, **kwargs).to(self.device)
 
+    def _load_state_dict_unet(self, base: Path, path: Path):
+        """A UNet shipped as one state-dict file (SDXL-Lightning, DMD2), in the base pipeline's UNet config, as
+        the model cards build it. Made on the meta device and filled from the file: no random init, no second
+        copy. A file for another architecture fails here (strict keys), never loads half."""
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:  # a torch pickle: tensors only, never arbitrary objects
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        unet.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in itertools.chain(unet.named_parameters(), unet.named_buffers()) if t.is_meta]
+        if left:
+            raise ValueError(f"{path.name} leaves {len(left)} tensors unset, e.g. {left[0]}")
+        return unet.to(device=self.device, dtype=self.dtype).eval()
+
     def _widening(self, source: hub.Source, files: list[str]) -> float:
         """Memory per byte on disk: fp16 files loaded in float32 take twice their size."""
         half_files = any(hub.weight_variant(f) in ("fp16", "bf16") for f in files)
@@ -237,7 +273,7 @@ class Engine:
 
     def _scheduler(self, family: Family, spec: MethodSpec, folder: Path):
         """This method's own scheduler instance: schedulers hold per-run state and are not thread-safe."""
-        key = (family.name, spec.name)
+        key = (family.name, spec.name, spec.scheduler, spec.scheduler_kwargs)  # step files may change the recipe
         if key not in self._schedulers:
             import diffusers
 
@@ -273,6 +309,7 @@ class Engine:
         check_int("seed", seed, 0, MAX_SEED)
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)
+        spec = spec.at_steps(steps)  # the file, scheduler and call arguments of this step count
         with self._run_lock:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"{spec.name} stopped before it started")
@@ -335,6 +372,7 @@ class Engine:
                       generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=step_end)
         if spec.cfg_at(guidance) and negative_prompt:
             kwargs["negative_prompt"] = negative_prompt
+        kwargs.update(call_kwargs(spec))
         hook = pipe.unet.register_forward_pre_hook(first_unet_call)
         try:
             sync()

@@ -151,8 +151,9 @@ def method_sources(spec, model_index: dict | None) -> dict[str, Source]:
     sources = {}
     for name in components(model_index or {}):
         sources[name] = Source(spec.repo, name, spec.variant)
-    if spec.unet_repo is not None:
-        sources["unet"] = Source(spec.unet_repo, spec.unet_subfolder, spec.unet_variant)
+    if spec.unet_repo is not None:  # a diffusers folder, or one state-dict file at the repo's root
+        sources["unet"] = Source(spec.unet_repo, spec.unet_subfolder, spec.unet_variant,
+                                 getattr(spec, "unet_weight_name", None))
     if spec.lora_repo is not None:
         sources["lora"] = Source(spec.lora_repo, None, None, spec.lora_weight_name)
     return sources
@@ -220,6 +221,11 @@ def content_key(folder: Path, files: list[str], subfolder: str | None) -> str:
 
 # --- downloads --------------------------------------------------------------------------------------------
 
+def every_step_file(spec_list) -> list:
+    """The specs with one recipe per step count spelled out (each step count's file is a download of its own)."""
+    return [s.at_steps(n) if s.step_files else s for s in spec_list for n in (s.allowed_steps if s.step_files else (0,))]
+
+
 def remote_plan(spec_list) -> list[tuple[str, str, int]]:
     """(repo, file, size in bytes) for every Hub file the methods need; local folders are skipped."""
     from huggingface_hub import HfApi, hf_hub_download
@@ -234,7 +240,7 @@ def remote_plan(spec_list) -> list[tuple[str, str, int]]:
             sizes[repo] = {s.rfilename: s.size or 0 for s in info.siblings}
         return sizes[repo]
 
-    for spec in spec_list:
+    for spec in every_step_file(spec_list):
         if is_local(spec.repo):
             continue
         files = files_of(spec.repo)

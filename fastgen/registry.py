@@ -10,12 +10,13 @@ import rather than half-way through a generation. This module imports no torch a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastgen.mini import WEIGHTS as MINI_WEIGHTS
 
-METHOD_NAMES = ("baseline", "turbo", "lcm", "lcm-lora")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")  # method names travel in URLs, file names and the API
 # Scheduler choices as strings; "default" keeps the class the repo's scheduler_config.json names.
 SCHEDULERS = {
     "default": None,
@@ -23,6 +24,7 @@ SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 GUIDANCE_MODES = ("cfg", "embedding", "none")
 PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline", "LatentConsistencyModelPipeline")
@@ -32,10 +34,22 @@ TURBO_LICENCE = "Stability AI community licence: non-commercial use (a licence f
 
 
 @dataclass(frozen=True)
+class StepFile:
+    """A method that ships one file per step count (SDXL-Lightning's UNets, Hyper-SD's LoRAs, DMD2's UNets): the
+    step count picks the file, and with it anything else the card changes for that count."""
+
+    steps: int
+    weight_name: str  # the UNet state dict (with `unet_weight_name`) or the LoRA (with `lora_weight_name`)
+    scheduler: str | None = None  # None: the method's
+    scheduler_kwargs: tuple[tuple[str, object], ...] | None = None  # None: the method's
+    call_kwargs: tuple[tuple[str, object], ...] | None = None  # None: the method's
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One method of one family, as its model card runs it."""
 
-    name: str  # one of METHOD_NAMES
+    name: str  # lower-case letters, digits and dashes: it names files, API values and page elements
     label: str  # what the UI and the grid caption show
     pipeline: str  # diffusers pipeline class name
     repo: str  # Hub id or absolute local folder of the full pipeline
@@ -43,10 +57,15 @@ class MethodSpec:
     unet_repo: str | None = None  # a separate UNet placed into `repo`'s pipeline (LCM)
     unet_subfolder: str | None = None  # None: the UNet files sit at the root of unet_repo
     unet_variant: str | None = None
+    unet_weight_name: str | None = None  # a UNet shipped as one state-dict file at unet_repo's root, loaded into
+    # `repo`'s UNet config (.safetensors, or a torch pickle read with weights_only=True)
     lora_repo: str | None = None  # a LoRA loaded on the pipeline's own UNet (LCM-LoRA)
     lora_weight_name: str | None = None  # offline loading refuses to guess the file name
+    lora_scale: float = 1.0  # the adapter's weight; never fused: the UNet it sits on is shared
     scheduler: str = "default"
     scheduler_kwargs: tuple[tuple[str, object], ...] = ()
+    call_kwargs: tuple[tuple[str, object], ...] = ()  # extra pipeline-call arguments (DMD2's timesteps, TCD's eta)
+    step_files: tuple[StepFile, ...] = ()  # one file per allowed step count; empty: any count in the range
     steps: int = 50
     min_steps: int = 1
     max_steps: int = 100
@@ -57,10 +76,12 @@ class MethodSpec:
     native_size: int = 512
     licence: str | None = None  # a note shown wherever the method is offered
     fp16_unsafe_vae: bool = False  # the SDXL VAE overflows in fp16: it must be upcast to decode
+    reference: bool = False  # the family's baseline: every speed-up is measured against it
+    shown: bool = True  # a panel on the page when it opens (the others are a click away)
 
     def __post_init__(self):
-        if self.name not in METHOD_NAMES:
-            raise ValueError(f"`name` must be one of {METHOD_NAMES}, got {self.name!r}")
+        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"`name` must be lower-case letters, digits and dashes, got {self.name!r}")
         if not self.label:
             raise ValueError(f"`label` must be a non-empty string, got {self.label!r}")
         if self.pipeline not in PIPELINES:
@@ -94,8 +115,44 @@ class MethodSpec:
             )
         if self.unet_subfolder is not None and self.unet_repo is None:
             raise ValueError(f"`unet_subfolder` needs `unet_repo`, got unet_subfolder={self.unet_subfolder!r}")
+        if self.unet_weight_name is not None and (self.unet_repo is None or self.unet_subfolder is not None):
+            raise ValueError(f"`unet_weight_name` needs `unet_repo` and no `unet_subfolder`, got {self.unet_repo!r}, "
+                             f"{self.unet_subfolder!r}")
+        if self.step_files:
+            counts = [f.steps for f in self.step_files]
+            if self.unet_weight_name is None and self.lora_weight_name is None:
+                raise ValueError(f"`step_files` needs a single-file UNet or LoRA to choose, got neither for {self.name}")
+            if counts != sorted(set(counts)) or counts[0] != self.min_steps or counts[-1] != self.max_steps \
+                    or self.steps not in counts:
+                raise ValueError(f"`step_files` must list distinct step counts in order from min_steps to max_steps "
+                                 f"including the default, got {counts} for {self.name}")
+            for f in self.step_files:
+                if f.scheduler is not None and f.scheduler not in SCHEDULERS:
+                    raise ValueError(f"`scheduler` must be one of {tuple(SCHEDULERS)}, got {f.scheduler!r}")
         if self.native_size % 8 or not 8 <= self.native_size <= 2048:
             raise ValueError(f"`native_size` must be a multiple of 8 in [8, 2048], got {self.native_size}")
+
+    @property
+    def allowed_steps(self) -> tuple[int, ...]:
+        if self.step_files:
+            return tuple(f.steps for f in self.step_files)
+        return tuple(range(self.min_steps, self.max_steps + 1))
+
+    def at_steps(self, steps: int) -> MethodSpec:
+        """The recipe for one step count: for a method with `step_files`, the file, scheduler and call arguments
+        of that count (a plain spec with no choices left); any other method is returned as it is."""
+        if not self.step_files:
+            return self
+        chosen = next((f for f in self.step_files if f.steps == steps), None)
+        if chosen is None:
+            raise ValueError(f"`steps` must be one of {self.allowed_steps} for {self.name}, got {steps!r}")
+        weight = {"unet_weight_name" if self.unet_weight_name is not None else "lora_weight_name": chosen.weight_name}
+        return replace(
+            self, **weight, step_files=(), steps=steps, min_steps=steps, max_steps=steps,
+            scheduler=self.scheduler if chosen.scheduler is None else chosen.scheduler,
+            scheduler_kwargs=self.scheduler_kwargs if chosen.scheduler_kwargs is None else chosen.scheduler_kwargs,
+            call_kwargs=self.call_kwargs if chosen.call_kwargs is None else chosen.call_kwargs,
+        )
 
     @property
     def ignores_negative_prompt(self) -> bool:
@@ -129,6 +186,24 @@ class Family:
             raise ValueError(f"`methods` must hold at least one method, got none for family {self.name!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"`methods` must have unique names, got {names} for family {self.name!r}")
+        references = [m.name for m in self.methods if m.reference]
+        if len(references) > 1:
+            raise ValueError(f"`methods` must mark at most one reference, got {references} for family {self.name!r}")
+
+    @property
+    def reference(self) -> str | None:
+        """The method every speed-up is measured against (the 50-step baseline), or None."""
+        return next((m.name for m in self.methods if m.reference), None)
+
+    @property
+    def default_methods(self) -> tuple[str, ...]:
+        """What runs when a caller names no methods, and the panels the page opens with: the `shown` ones."""
+        return tuple(m for m in self.panel_order if self.method(m).shown)
+
+    @property
+    def panel_order(self) -> tuple[str, ...]:
+        """The methods as the page lays them out: registry order (fastest first), the reference last."""
+        return tuple(m.name for m in self.methods if not m.reference) + ((self.reference,) if self.reference else ())
 
     @property
     def method_names(self) -> tuple[str, ...]:
@@ -150,6 +225,11 @@ class Family:
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
 _SDXL = dict(pipeline="StableDiffusionXLPipeline", variant="fp16", native_size=1024, fp16_unsafe_vae=True)
+SDXL_LIGHTNING = "ByteDance/SDXL-Lightning"
+SDXL_HYPER_SD = "ByteDance/Hyper-SD"
+SDXL_DMD2 = "tianweiy/DMD2"
+_TRAILING = (("timestep_spacing", "trailing"),)
+_NO_CFG = dict(guidance=0.0, min_guidance=0.0, max_guidance=0.0, guidance_mode="none")
 
 SDXL = Family(
     name="sdxl",
@@ -174,8 +254,44 @@ SDXL = Family(
             **_SDXL,
         ),
         MethodSpec(
+            # SDXL-Lightning (progressive adversarial distillation): one full UNet per step count, as state dicts
+            name="lightning", label="SDXL-Lightning", repo=SDXL_BASE, unet_repo=SDXL_LIGHTNING,
+            unet_weight_name="sdxl_lightning_4step_unet.safetensors", scheduler="euler",
+            scheduler_kwargs=_TRAILING, steps=4, min_steps=1, max_steps=8, step_files=(
+                # the 1-step UNet predicts the clean image (x0) itself
+                StepFile(1, "sdxl_lightning_1step_unet_x0.safetensors",
+                         scheduler_kwargs=(*_TRAILING, ("prediction_type", "sample"))),
+                StepFile(2, "sdxl_lightning_2step_unet.safetensors"),
+                StepFile(4, "sdxl_lightning_4step_unet.safetensors"),
+                StepFile(8, "sdxl_lightning_8step_unet.safetensors"),
+            ), shown=False, licence="openrail++", **_NO_CFG, **_SDXL,
+        ),
+        MethodSpec(
+            # Hyper-SD (trajectory-segmented consistency distillation): a LoRA per step count on the base UNet
+            name="hyper-sd", label="Hyper-SDXL", repo=SDXL_BASE, lora_repo=SDXL_HYPER_SD,
+            lora_weight_name="Hyper-SDXL-4steps-lora.safetensors", scheduler="ddim", scheduler_kwargs=_TRAILING,
+            steps=4, min_steps=1, max_steps=8, step_files=(
+                # the 1-step LoRA samples with TCD; its eta trades detail (lower) for smoothness (higher)
+                StepFile(1, "Hyper-SDXL-1step-lora.safetensors", scheduler="tcd", scheduler_kwargs=(),
+                         call_kwargs=(("eta", 1.0),)),
+                StepFile(2, "Hyper-SDXL-2steps-lora.safetensors"),
+                StepFile(4, "Hyper-SDXL-4steps-lora.safetensors"),
+                StepFile(8, "Hyper-SDXL-8steps-lora.safetensors"),
+            ), shown=False, licence="see the model card (ByteDance/Hyper-SD)", **_NO_CFG, **_SDXL,
+        ),
+        MethodSpec(
+            # DMD2 (distribution matching distillation): a UNet state dict sampled at fixed timesteps
+            name="dmd2", label="DMD2", repo=SDXL_BASE, unet_repo=SDXL_DMD2,
+            unet_weight_name="dmd2_sdxl_4step_unet_fp16.safetensors", scheduler="lcm",
+            call_kwargs=(("timesteps", (999, 749, 499, 249)),), steps=4, min_steps=1, max_steps=4, step_files=(
+                # without its timesteps DMD2 degrades silently; the 1-step UNet ships only as a torch pickle
+                StepFile(1, "dmd2_sdxl_1step_unet_fp16.bin", call_kwargs=(("timesteps", (399,)),)),
+                StepFile(4, "dmd2_sdxl_4step_unet_fp16.safetensors"),
+            ), shown=False, licence="cc-by-nc-4.0: non-commercial use", **_NO_CFG, **_SDXL,
+        ),
+        MethodSpec(
             name="baseline", label="Baseline", repo=SDXL_BASE,
-            steps=50, guidance=5.0, min_guidance=1.0, max_guidance=15.0, **_SDXL,
+            steps=50, guidance=5.0, min_guidance=1.0, max_guidance=15.0, reference=True, **_SDXL,
         ),
     ),
 )
@@ -211,6 +327,7 @@ SD15 = Family(
         MethodSpec(
             name="baseline", label="Baseline", pipeline="StableDiffusionPipeline", repo=SD15_BASE,
             variant="fp16", steps=50, guidance=7.5, min_guidance=1.0, max_guidance=15.0, native_size=512,
+            reference=True,
         ),
     ),
 )
@@ -242,7 +359,7 @@ MINI = Family(
         ),
         MethodSpec(
             name="baseline", label="Baseline", repo=str(MINI_WEIGHTS / "base"),
-            steps=50, guidance=4.0, min_guidance=1.0, max_guidance=10.0, **_MINI,
+            steps=50, guidance=4.0, min_guidance=1.0, max_guidance=10.0, reference=True, **_MINI,
         ),
     ),
 )

@@ -86,6 +86,10 @@ def check_size(name: str, value) -> int:
 
 
 def check_steps(spec: MethodSpec, steps) -> int:
+    if spec.step_files and (not _is_int(steps) or steps not in spec.allowed_steps):
+        # one file per step count: only those counts exist
+        raise RequestError("steps", f"`steps` must be one of {spec.allowed_steps} for {spec.name} (one model file "
+                                    f"each), got {shown(steps)}")
     return check_int("steps", steps, spec.min_steps, spec.max_steps, f" for {spec.name}")
 
 
@@ -108,9 +112,10 @@ def check_family(value) -> Family:
 
 
 def check_methods(family: Family, methods) -> list[str]:
-    """None: all of the family's methods, in its order. Otherwise a non-empty list of distinct names."""
+    """None: the family's default methods (its `shown` ones), in panel order. Otherwise a non-empty list of
+    distinct names."""
     if methods is None:
-        return list(family.method_names)
+        return list(family.default_methods)
     if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
         raise RequestError("methods", f"`methods` must be a list of method names from {family.method_names}, "
                                       f"got {shown(methods)}")

@@ -23,6 +23,15 @@ def _repo(repo: str, imports: set[str]) -> str:
     return repr(repo)
 
 
+def _file(repo: str, name: str, imports: set[str]) -> str:
+    """One file of a repo: hf_hub_download for a Hub id, a path inside a local folder."""
+    if Path(repo).is_absolute():
+        imports.add("import os")
+        return f"os.path.join({_repo(repo, imports)}, {name!r})"
+    imports.add("from huggingface_hub import hf_hub_download")
+    return f"hf_hub_download({repo!r}, {name!r})"
+
+
 def _args(*pairs) -> str:
     return ", ".join(f"{k}={v!r}" if not isinstance(v, _Raw) else f"{k}={v}" for k, v in pairs if v is not None)
 
@@ -34,7 +43,20 @@ def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: in
     extra_imports: set[str] = set()
     lines = []
     load = [("variant", spec.variant), ("dtype", dtype_expr)]
-    if spec.unet_repo is not None:
+    if spec.unet_weight_name is not None:  # a state dict in the base's UNet config, as the model cards load it
+        imports.add("UNet2DConditionModel")
+        path = _file(spec.unet_repo, spec.unet_weight_name, extra_imports)
+        if spec.unet_weight_name.endswith(".safetensors"):
+            extra_imports.add("from safetensors.torch import load_file")
+            state = f"load_file({path})"
+        else:
+            state = f"torch.load({path}, weights_only=True)"
+        lines.append(f"unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("
+                     f"{_repo(spec.repo, extra_imports)}, subfolder='unet'))")
+        lines.append(f"unet.load_state_dict({state})")
+        lines.append(f"unet = unet.to({dtype_expr})")
+        load.insert(0, ("unet", _Raw("unet")))
+    elif spec.unet_repo is not None:
         imports.add("UNet2DConditionModel")
         unet_args = _args(("subfolder", spec.unet_subfolder), ("variant", spec.unet_variant), ("dtype", dtype_expr))
         lines.append(f"unet = UNet2DConditionModel.from_pretrained({_repo(spec.unet_repo, extra_imports)}, "
@@ -48,11 +70,14 @@ def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: in
         extra = "".join(f", {k}={v!r}" for k, v in spec.scheduler_kwargs)
         lines.append(f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{extra})")
     if spec.lora_repo is not None:
-        lora = _args(("weight_name", spec.lora_weight_name), ("adapter_name", "lcm"))
+        lora = _args(("weight_name", spec.lora_weight_name), ("adapter_name", spec.name))
         lines.append(f"pipe.load_lora_weights({_repo(spec.lora_repo, extra_imports)}, {lora})")
+        if spec.lora_scale != 1.0:
+            lines.append(f"pipe.set_adapters([{spec.name!r}], adapter_weights=[{spec.lora_scale!r}])")
     call = [("num_inference_steps", steps), ("guidance_scale", float(guidance)), ("width", width), ("height", height)]
     if spec.cfg_at(guidance) and negative_prompt:
         call.insert(0, ("negative_prompt", negative_prompt))
+    call += [(k, list(v) if isinstance(v, tuple) else v) for k, v in spec.call_kwargs]  # DMD2's timesteps, eta
     call.append(("generator", _Raw(f'torch.Generator("cpu").manual_seed({seed})')))
     lines.append(f"image = pipe({prompt!r}, {_args(*call)}).images[0]")
     lines.append(f'image.save("{spec.name}.png")')

@@ -39,8 +39,15 @@ SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_TURBO = "stabilityai/sd-turbo"
 SD15_LCM = "SimianLuo/LCM_Dreamshaper_v7"
 SD15_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+SDXL_LIGHTNING = "ByteDance/SDXL-Lightning"
+SDXL_HYPER_SD = "ByteDance/Hyper-SD"
+SDXL_DMD2 = "tianweiy/DMD2"
+LIGHTNING_FILES = ("sdxl_lightning_1step_unet_x0.safetensors", "sdxl_lightning_2step_unet.safetensors",
+                   "sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_8step_unet.safetensors")
+HYPER_SD_FILES = ("Hyper-SDXL-1step-lora.safetensors", "Hyper-SDXL-2steps-lora.safetensors",
+                  "Hyper-SDXL-4steps-lora.safetensors", "Hyper-SDXL-8steps-lora.safetensors")
 REPOS = {
-    "sdxl": (SDXL_BASE, SDXL_TURBO, SDXL_LCM_UNET, SDXL_LCM_LORA),
+    "sdxl": (SDXL_BASE, SDXL_TURBO, SDXL_LCM_UNET, SDXL_LCM_LORA, SDXL_LIGHTNING, SDXL_HYPER_SD, SDXL_DMD2),
     "sd15": (SD15_BASE, SD_TURBO, SD15_LCM, SD15_LCM_LORA),
 }
 LFS_SUFFIXES = (".safetensors", ".bin")  # stored as LFS on the Hub: their blob is named by sha256
@@ -243,6 +250,33 @@ def write_lora(path: Path, unet, seed: int, rank: int = 4) -> None:
     save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
 
 
+def write_peft_lora(path: Path, unet, seed: int, rank: int = 4) -> None:
+    """A LoRA for `unet` in the diffusers/peft key format (`unet.<module>.lora_A.weight`, `.lora_B.weight`)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(("to_q", "to_k", "to_v", "to_out.0")) or not isinstance(module, torch.nn.Linear):
+            continue
+        tensors[f"unet.{name}.lora_A.weight"] = torch.randn((rank, module.in_features), generator=generator) * 0.1
+        tensors[f"unet.{name}.lora_B.weight"] = torch.randn((module.out_features, rank), generator=generator) * 0.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_state_dict(path: Path, module) -> None:
+    """A module's full state dict as one fp16 file: safetensors, or a torch pickle for a .bin name."""
+    from safetensors.torch import save_file
+
+    state = {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+
+
 # --- families ---------------------------------------------------------------------------------------------
 
 def _sdxl_index(scheduler: str) -> dict:
@@ -287,8 +321,16 @@ def build_sdxl(cache: Path, work: Path) -> None:
     lcm = work / "lcm-sdxl"  # UNet files at the repo root
     _save(_unet("sdxl", 16, 64, lcm=True), lcm, "fp16", 1016, lambda s: _unet("sdxl", s, 64, lcm=True))
     write_lora(work / "lcm-lora-sdxl" / "pytorch_lora_weights.safetensors", _unet("sdxl", 0, 64), seed=17)
+    lightning, hyper, dmd2 = work / "sdxl-lightning", work / "hyper-sd", work / "dmd2"
+    for i, name in enumerate(LIGHTNING_FILES):  # full UNet state dicts at the root, in the base's config, fp16
+        write_state_dict(lightning / name, _unet("sdxl", 40 + i, 64))
+    for i, name in enumerate(HYPER_SD_FILES):  # both LoRA key formats seen in the wild: kohya and peft
+        (write_lora if i % 2 == 0 else write_peft_lora)(hyper / name, _unet("sdxl", 0, 64), seed=50 + i)
+    write_state_dict(dmd2 / "dmd2_sdxl_4step_unet_fp16.safetensors", _unet("sdxl", 60, 64))
+    write_state_dict(dmd2 / "dmd2_sdxl_1step_unet_fp16.bin", _unet("sdxl", 61, 64))  # a torch pickle
     for repo, folder in ((SDXL_BASE, base), (SDXL_TURBO, turbo), (SDXL_LCM_UNET, lcm),
-                         (SDXL_LCM_LORA, work / "lcm-lora-sdxl")):
+                         (SDXL_LCM_LORA, work / "lcm-lora-sdxl"), (SDXL_LIGHTNING, lightning),
+                         (SDXL_HYPER_SD, hyper), (SDXL_DMD2, dmd2)):
         publish(cache, repo, folder)
 
 

@@ -88,6 +88,77 @@ def test_each_panel_equals_the_plain_recipe_and_its_snippet(engine, family, meth
     assert_same_image(result.image, Image.open(tmp_path / f"{method}.png"))
 
 
+@functools.lru_cache(maxsize=None)
+def card_pipeline(method, steps):
+    """SDXL-Lightning, Hyper-SDXL and DMD2 as their model cards run them (unfused here: fusing is the same
+    arithmetic, and the engine never fuses into a shared UNet)."""
+    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline,
+                           TCDScheduler, UNet2DConditionModel)
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    if method in ("lightning", "dmd2"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_BASE, subfolder="unet"))
+        if method == "lightning":
+            name = f"sdxl_lightning_{steps}step_unet{'_x0' if steps == 1 else ''}.safetensors"
+            unet.load_state_dict(load_file(hf_hub_download("ByteDance/SDXL-Lightning", name)))
+        else:
+            name = "dmd2_sdxl_1step_unet_fp16.bin" if steps == 1 else "dmd2_sdxl_4step_unet_fp16.safetensors"
+            path = hf_hub_download("tianweiy/DMD2", name)
+            unet.load_state_dict(torch.load(path, weights_only=True) if steps == 1 else load_file(path))
+        pipe = StableDiffusionXLPipeline.from_pretrained(SDXL_BASE, unet=unet, variant="fp16")
+        if method == "lightning":
+            extra = {"prediction_type": "sample"} if steps == 1 else {}
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                                **extra)
+        else:
+            pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(SDXL_BASE, variant="fp16")
+        name = f"Hyper-SDXL-{steps}step{'s' if steps > 1 else ''}-lora.safetensors"
+        pipe.load_lora_weights(hf_hub_download("ByteDance/Hyper-SD", name))
+        if steps == 1:
+            pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+        else:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def card_image(method, steps, seed=7):
+    extra = {}
+    if method == "dmd2":
+        extra["timesteps"] = [399] if steps == 1 else [999, 749, 499, 249]
+    if method == "hyper-sd" and steps == 1:
+        extra["eta"] = 1.0
+    return card_pipeline(method, steps)(PROMPT, num_inference_steps=steps, guidance_scale=0.0,
+                                        generator=torch.Generator("cpu").manual_seed(seed), **SIZE, **extra).images[0]
+
+
+@pytest.mark.parametrize("method, steps", [("lightning", 1), ("lightning", 4), ("lightning", 8), ("hyper-sd", 1),
+                                           ("hyper-sd", 2), ("hyper-sd", 4), ("dmd2", 1), ("dmd2", 4)])
+def test_new_rows_equal_their_model_cards_and_their_snippets(engine, method, steps, tmp_path, monkeypatch):
+    result = engine.run("sdxl", method, PROMPT, seed=7, steps=steps, **SIZE)
+    assert (result.steps, result.guidance, result.cfg) == (steps, 0.0, False)
+    expected = card_image(method, steps)
+    assert_same_image(result.image, expected)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(result.code, f"<sdxl/{method} snippet>", "exec"), {})
+    from PIL import Image
+
+    assert_same_image(result.image, Image.open(tmp_path / f"{method}.png"))
+
+
+def test_the_step_count_picks_the_file(engine):
+    """Each step count loads its own file: the 2-step Lightning UNet is not the 4-step one run twice as short."""
+    four = engine.run("sdxl", "lightning", PROMPT, steps=4, **SIZE)
+    with pytest.raises(ValueError, match=r"`steps` must be one of \(1, 2, 4, 8\) for lightning"):
+        engine.run("sdxl", "lightning", PROMPT, steps=3, **SIZE)
+    units = [r for r in engine.cache.report() if r["kind"] == "unet" and any("Lightning" in s for s in r["sources"])]
+    assert len(units) >= 1
+    assert four.scheduler == "EulerDiscreteScheduler" and four.timestep_spacing == "trailing"
+
+
 def test_seed_changes_the_image_and_size_is_respected(engine):
     a = engine.run("sd15", "turbo", PROMPT, seed=0, **SIZE).image
     b = engine.run("sd15", "turbo", PROMPT, seed=1, **SIZE).image

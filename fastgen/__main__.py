@@ -1,7 +1,8 @@
-"""Command line: compare methods side by side, or download a family's weights.
+"""Command line: compare methods side by side, download a family's weights, or check the machine.
 
     python -m fastgen compare "a red circle" --family sdxl --size 64x64 --out out/
     python -m fastgen download --family sdxl --dry-run
+    python -m fastgen doctor
 
 One function per subcommand; `main(argv)` dispatches on `args.command`.
 """
@@ -154,6 +155,13 @@ def space_card(plan) -> str:
     return "\n".join(lines + [f"- {entry}" for entry in plan.preload_from_hub()])
 
 
+def doctor(args) -> int:
+    from fastgen import doctor as checks
+
+    print(checks.report(args.family.split(",") if args.family else None))
+    return 0
+
+
 def evaluate(args) -> int:
     from fastgen.mini import evaluate as mini_evaluate  # deferred: the mini family's own module
 
@@ -195,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space-card", action="store_true",
                    help="print the Space card's models: and preload_from_hub: lines for these methods; download nothing")
     p.set_defaults(run=download)
+
+    p = commands.add_parser("doctor", help="show the software, the accelerator, and which families' weights are here")
+    p.add_argument("--family", help="comma-separated families to check (default: all)")
+    p.set_defaults(run=doctor)
 
     p = commands.add_parser("evaluate", help="score a mini-family method on a prompt set")
     p.add_argument("--family", default="mini")

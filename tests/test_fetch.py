@@ -15,30 +15,11 @@ import pytest
 from fastgen import fetch, hub
 from fastgen.__main__ import main
 from fastgen.registry import get_family
-from tests.fakehub import SDXL_BASE, SDXL_LCM_LORA, SDXL_LCM_UNET, SDXL_TURBO, HubServer
+from tests.fakehub import SDXL_BASE, SDXL_LCM_LORA, SDXL_LCM_UNET, SDXL_TURBO
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_UNET = (SDXL_BASE, "unet/diffusion_pytorch_model.fp16.safetensors")
 TURBO_UNET = (SDXL_TURBO, "unet/diffusion_pytorch_model.fp16.safetensors")
-
-
-@pytest.fixture
-def server(fake_hub):
-    with HubServer(fake_hub) as running:
-        yield running
-
-
-@pytest.fixture
-def online(server, tmp_path, monkeypatch):
-    """This process online against the fake Hub server, downloading into an empty cache (returned)."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(fetch, "endpoint", lambda: server.endpoint)
-    return cache
 
 
 def subprocess_env(**values):

@@ -221,3 +221,36 @@ def test_describe_names_what_to_do_for_each_library_error(monkeypatch):
     assert "cannot be reached" in fetch.describe(httpx2.ConnectError("refused"), SDXL_BASE)
     assert "disk filled up" in fetch.describe(OSError(errno.ENOSPC, "No space left on device"), SDXL_BASE, "x")
     assert fetch.describe(ValueError("something else"), SDXL_BASE) is None
+
+
+def test_space_card_preloads_exactly_what_the_default_family_loads(fake_hub):
+    """The README front matter is the Space card: it lists the sdxl repos and preloads the files a download of
+    the sdxl family would fetch (computed here from the fake Hub, which has the real repos' file names)."""
+    from huggingface_hub import SpaceCard
+    from huggingface_hub.utils import validate_repo_id
+
+    card = SpaceCard.load(ROOT / "README.md")
+    plan = fetch.plan(get_family("sdxl").methods, fetch.CacheListing())
+    preload = card.data.to_dict()["preload_from_hub"]
+    assert preload == plan.preload_from_hub()
+    assert card.data.models == plan.repos == list(get_family("sdxl").repos)
+    for entry in preload:  # "repo_id file1,file2": the Spaces build fetches only these files
+        repo, files = entry.split(" ")
+        validate_repo_id(repo)
+        assert all(name and not name.startswith("/") for name in files.split(","))
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+
+
+def test_space_card_option_prints_the_lines_the_card_holds(online, server, capsys):
+    from huggingface_hub import SpaceCard
+
+    assert main(["download", "--family", "sdxl", "--space-card"]) == 0
+    printed = capsys.readouterr().out
+    front_matter = (ROOT / "README.md").read_text().split("---\n")[1]
+    assert printed in front_matter
+    assert main(["download", "--family", "sdxl", "--dry-run"]) == 0
+    listed = {line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("    ")}
+    card = SpaceCard.load(ROOT / "README.md")
+    preloaded = {f"{e.split(' ')[0]}/{name}" for e in card.data.to_dict()["preload_from_hub"]
+                 for name in e.split(" ")[1].split(",")}
+    assert preloaded == listed

@@ -115,16 +115,28 @@ def download(args) -> int:
     print_plan(family.name, plan)
     if args.dry_run:
         return 0
-    # 3. Refuse before the first byte when the disk cannot hold it; then fetch, one bar for all files.
+    # 3. Drop what interrupted runs left half-written (it cannot be resumed), refuse before the first byte when
+    #    the disk cannot hold the rest, then fetch with one bar for all files.
+    stale = fetch.stale_partials(plan.repos)
+    if stale:
+        size = sum(p.stat().st_size for p in stale)
+        for partial in stale:
+            partial.unlink(missing_ok=True)
+        print(f"removed {len(stale)} half-fetched files ({fetch.size_text(size)}) left by an interrupted download")
     fetch.check_space(plan)
     if not plan.needed_bytes and all(f.present for f in plan.files):
         print(f"{family.name}: every file is already in {hub.cache_dir()}")
         return 0
     from tqdm import tqdm
 
-    with tqdm(total=plan.needed_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=family.name,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        fetch.download(plan, on_bytes=bar.update)
+    try:
+        with tqdm(total=plan.needed_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=family.name,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            fetch.download(plan, on_bytes=bar.update)
+    except KeyboardInterrupt:
+        print("interrupted: the files that finished are kept; run the same command to fetch the rest",
+              file=sys.stderr)
+        return 130
     print(f"downloaded {fetch.size_text(plan.needed_bytes)} into {hub.cache_dir()}")
     return 0
 

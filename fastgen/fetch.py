@@ -233,6 +233,25 @@ def size_text(n: int) -> str:
 
 # --- downloading -----------------------------------------------------------------------------------------
 
+def stale_partials(repos) -> list[Path]:
+    """Half-fetched files an interrupted run left in these repos' blobs. huggingface_hub 2.4 names each one
+    `<etag>.<random>.incomplete` and never reads it again; one whose lock no running download holds is waste."""
+    from filelock import FileLock, Timeout
+
+    cache = Path(hub.cache_dir())
+    stale = []
+    for repo in repos:
+        folder = f"models--{repo.replace('/', '--')}"
+        for partial in sorted((cache / folder / "blobs").glob("*.incomplete")):
+            lock = cache / ".locks" / folder / f"{partial.name.split('.')[0]}.lock"
+            try:
+                with FileLock(str(lock), timeout=0):
+                    stale.append(partial)
+            except Timeout:  # a download running now is writing it
+                continue
+    return stale
+
+
 def download(plan: Plan, on_bytes=None) -> list[Path]:
     """Fetch every file of the plan not yet in the cache. `on_bytes(n)` is
     called as bytes arrive (n may be negative when huggingface_hub restarts a file). Returns the fetched paths."""

@@ -106,20 +106,26 @@ def test_dropped_connection_resumes_from_where_it_stopped(online, server, monkey
     blobs_intact(online)
 
 
-def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_path, stop):
     cache = tmp_path / "cache"
     env = subprocess_env(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache))
     command = [sys.executable, "-m", "fastgen", "download", "--family", "sdxl", "--methods", "turbo,baseline"]
-    server.stall[BASE_UNET] = 60  # half of the base UNet arrives, then the user presses Ctrl-C
+    server.stall[BASE_UNET] = 60  # half of the base UNet arrives, then the download is stopped
     run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(cache.glob("models--*/blobs/*.incomplete")) or BASE_UNET not in resolved(server):
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.1)
     time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop)
     out, err = run.communicate(timeout=30)
-    assert run.returncode == 130 and "Traceback" not in err, err
+    if stop == signal.SIGINT:
+        assert run.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("interrupted: the files that finished are kept")
+        assert not list(cache.rglob("*.incomplete"))  # huggingface_hub removed its partial file
+    else:
+        assert len(list(cache.rglob("*.incomplete"))) == 1  # a kill leaves the partial file behind
     first = resolved(server)
     assert TURBO_UNET in first
     assert not list(cache.glob(f"models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/*/{BASE_UNET[1]}"))
@@ -127,6 +133,7 @@ def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_p
     server.stall.clear()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert ("removed 1 half-fetched files" in done.stdout) == (stop == signal.SIGKILL)
     again = resolved(server)[len(first):]
     assert TURBO_UNET not in again and BASE_UNET in again  # finished files are kept; the cut one is fetched
     assert len(again) < len(first)
@@ -200,6 +207,22 @@ def test_no_network_fails_fast_with_one_sentence(tmp_path, network, dry_run):
     assert "HF_HUB_OFFLINE" in lines[0]
     if network == "unreachable":
         assert "http://127.0.0.1:9 cannot be reached" in lines[0]
+
+
+def test_a_silent_endpoint_fails_within_the_probe_timeout(tmp_path):
+    """A network that drops packets: the connection opens but nothing ever answers."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "fastgen", "download", "--family", "sdxl", "--dry-run"],
+                              cwd=ROOT, env=subprocess_env(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path)),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and time.monotonic() - start < 10
+    assert done.stderr.startswith(f"error: the Hub at {endpoint} cannot be reached (timed out)")
 
 
 def test_describe_names_what_to_do_for_each_library_error(monkeypatch):

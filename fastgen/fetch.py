@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,26 +187,23 @@ def plan(methods, listing) -> Plan:
     for spec in methods:
         if hub.is_local(spec.repo):
             continue
-        files = {}
-        sources = list(hub.method_sources(spec, listing.model_index(spec.repo)).values())
-        for repo, names in [(spec.repo, ["model_index.json"])] + [
-            (s.repo, hub.select_files(list(listing.files(s.repo)), s)) for s in sources if not hub.is_local(s.repo)
-        ]:
+        wanted = [(spec.repo, ["model_index.json"])]
+        for source in hub.method_sources(spec, listing.model_index(spec.repo)).values():
+            if hub.is_local(source.repo):
+                continue
+            names = hub.select_files(list(listing.files(source.repo)), source)
             if not names:
-                raise DownloadError(f"{repo} no longer holds the files {spec.label} loads "
-                                    f"({sources_label(spec, repo)}): the repo has changed on the Hub.")
+                raise DownloadError(f"{source.repo} no longer has the files {spec.label} loads from it "
+                                    f"({source.label}): the repo has changed on the Hub.")
+            wanted.append((source.repo, names))
+        files = {}
+        for repo, names in wanted:
             sizes = listing.files(repo)
             for name in names:
                 files[(repo, name)] = RemoteFile(repo, name, sizes.get(name, 0), listing.revision(repo),
                                                  listing.present(repo, name))
         rows.append((spec.name, tuple(files.values())))
     return Plan(tuple(rows))
-
-
-def sources_label(spec, repo: str) -> str:
-    if repo == spec.lora_repo:
-        return spec.lora_weight_name
-    return "its UNet" if repo == spec.unet_repo else "its pipeline"
 
 
 # --- disk space ------------------------------------------------------------------------------------------
@@ -299,21 +297,17 @@ def _forwarding_bar(on_bytes):
     return Forward
 
 
-class explain:
+@contextmanager
+def explain(repo: str, name: str | None = None):
     """Turn what huggingface_hub and the disk raise into a DownloadError with one actionable sentence."""
-
-    def __init__(self, repo: str, name: str | None = None):
-        self.repo, self.name = repo, name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, (DownloadError, KeyboardInterrupt)):
-            return False
-        message = describe(error, self.repo, self.name)
+    try:
+        yield
+    except DownloadError:
+        raise
+    except Exception as error:
+        message = describe(error, repo, name)
         if message is None:
-            return False
+            raise
         raise DownloadError(message) from error
 
 

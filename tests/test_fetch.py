@@ -61,6 +61,15 @@ def test_plan_lists_per_method_files_and_sizes(online, server):
     assert {f.repo for f in baseline} == {SDXL_BASE}
 
 
+def test_a_repo_that_no_longer_has_a_methods_files_is_named(fake_hub):
+    class Changed(fetch.CacheListing):  # the LoRA file was renamed upstream
+        def files(self, repo):
+            return {n.replace("pytorch_lora", "lora"): s for n, s in super().files(repo).items()}
+
+    with pytest.raises(fetch.DownloadError, match=f"^{SDXL_LCM_LORA} no longer has the files LCM-LoRA loads"):
+        fetch.plan(get_family("sdxl").methods, Changed())
+
+
 def test_dry_run_lists_files_sizes_and_free_space(online, server, capsys):
     assert main(["download", "--family", "sdxl", "--dry-run"]) == 0
     out = capsys.readouterr().out

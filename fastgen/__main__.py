@@ -106,6 +106,10 @@ def download(args) -> int:
     if not specs:
         return 1 if missing else 0
     # 1. Can the Hub be used at all? One short probe, so that no network fails in seconds, not minutes.
+    problem = fetch.hub_problem(fresh=True)
+    if problem and not hub.missing_repos(specs):
+        print(f"{family.name}: every file is already in {hub.cache_dir()} (nothing to fetch; {problem})")
+        return 0
     fetch.check_hub()
     # 2. What would be fetched, and how big it is.
     plan = fetch.plan(specs, fetch.HubListing())

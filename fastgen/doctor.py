@@ -106,8 +106,7 @@ def page_families(current: str | None = None, problem: str | None = None) -> tup
     `current`, the one the page opens on), and a note naming each family left out and why ("" if none)."""
     choices, notes = [], []
     for name, family in FAMILIES.items():
-        state = family_state(family, problem)
-        problem = state.hub_problem if problem is None and state.hub_problem else problem
+        state = family_state(family, problem)  # the Hub is probed once a minute at most
         if state.usable or name == current:
             choices.append((family.label, name))
         else:

@@ -81,7 +81,10 @@ def test_missing_weights_name_the_download_command(tmp_path, monkeypatch, capsys
     assert "stabilityai/sd-turbo" in err and "python -m fastgen download --family sd15" in err
 
 
-def test_download_offline_and_local_families(fake_mini, monkeypatch, capsys):
+def test_download_offline_and_local_families(fake_hub, fake_mini, tmp_path, monkeypatch, capsys):
+    assert main(["download", "--family", "sd15"]) == 0  # offline, but the fake Hub holds every file
+    assert "sd15: every file is already in " in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     assert main(["download", "--family", "sd15"]) == 1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     monkeypatch.setattr("fastgen.__main__.get_family", lambda name: fake_mini)

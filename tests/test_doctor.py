@@ -125,3 +125,19 @@ def test_page_offers_missing_families_that_can_be_fetched_now(online):
 def test_a_family_the_page_opens_on_stays_listed(empty_cache):
     choices, _ = doctor.page_families("sd15")
     assert [name for _, name in choices] == ["sd15", "mini"]
+
+
+def test_environment_names_each_gpu_and_its_memory(monkeypatch):
+    """No GPU here: the CUDA calls are replaced by what a one-GPU machine answers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="NVIDIA H200"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (100_000_000_000, 150_000_000_000))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    rows = dict(doctor.environment())
+    assert rows["CUDA 0"] == "NVIDIA H200, 150.00 GB memory (100.00 GB free), CUDA 12.8"
+    assert rows["torch"] == torch.__version__ and "diffusers 0.42.1" in rows["libraries"]

@@ -110,7 +110,7 @@ def download(args) -> int:
     if problem and not hub.missing_repos(specs):
         print(f"{family.name}: every file is already in {hub.cache_dir()} (nothing to fetch; {problem})")
         return 0
-    fetch.check_hub()
+    fetch.check_hub(problem)
     # 2. What would be fetched, and how big it is.
     plan = fetch.plan(specs, fetch.HubListing())
     if args.space_card:

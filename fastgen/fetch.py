@@ -67,9 +67,10 @@ def hub_problem(timeout: float = PROBE_TIMEOUT, fresh: bool = False) -> str:
     return problem
 
 
-def check_hub() -> None:
-    """Raise DownloadError when the Hub cannot be used now, naming the endpoint and HF_HUB_OFFLINE."""
-    problem = hub_problem(fresh=True)
+def check_hub(problem: str | None = None) -> None:
+    """Raise DownloadError when the Hub cannot be used now, naming the endpoint and HF_HUB_OFFLINE. `problem`:
+    what `hub_problem` just answered (probed afresh when None)."""
+    problem = hub_problem(fresh=True) if problem is None else problem
     if not problem:
         return
     if hub.offline():

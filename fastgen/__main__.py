@@ -162,7 +162,8 @@ def print_plan(family: str, plan) -> None:
         for f in new:
             print(f"    {f.size / 1e6:10.1f} MB  {f.label}{'  (already here)' if f.present else ''}")
             listed.add((f.repo, f.name))
-    print(f"free space where the Hub cache lives ({hub.cache_dir()}): {fetch.size_text(fetch.free_bytes(hub.cache_dir()))}")
+    cache = hub.cache_dir()
+    print(f"free space where the Hub cache lives ({cache}): {fetch.size_text(fetch.free_bytes(cache))}")
 
 
 def space_card(plan) -> str:
@@ -217,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list the files, their sizes and the free disk space; download nothing")
     p.add_argument("--space-card", action="store_true",
-                   help="print the Space card's models: and preload_from_hub: lines for these methods; download nothing")
+                   help="print the Space card's models: and preload_from_hub: lines for these methods; "
+                        "download nothing")
     p.set_defaults(run=download)
 
     p = commands.add_parser("doctor", help="show the software, the accelerator, and which families' weights are here")

@@ -157,7 +157,8 @@ def report(families=None, plan_sizes: bool = True) -> str:
     cache = hub.cache_dir()
     lines.append(f"{'Hub cache':>10}  {cache} ({fetch.size_text(fetch.free_bytes(cache))} free)")
     problem = fetch.hub_problem()
-    lines.append(f"{'Hub':>10}  " + (f"not usable now: {problem}" if problem else f"online: {fetch.endpoint()} answers"))
+    hub_line = f"not usable now: {problem}" if problem else f"online: {fetch.endpoint()} answers"
+    lines.append(f"{'Hub':>10}  {hub_line}")
     lines.append("")
     for family in families:
         state = family_state(family, problem)

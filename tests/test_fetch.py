@@ -115,6 +115,7 @@ def test_dropped_connection_resumes_from_where_it_stopped(online, server, monkey
     blobs_intact(online)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_path, stop):
     cache = tmp_path / "cache"
@@ -218,6 +219,7 @@ def test_no_network_fails_fast_with_one_sentence(tmp_path, network, dry_run):
         assert "http://127.0.0.1:9 cannot be reached" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_silent_endpoint_fails_within_the_probe_timeout(tmp_path):
     """A network that drops packets: the connection opens but nothing ever answers."""
     import socket

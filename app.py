@@ -35,7 +35,8 @@ import gradio as gr
 from fastgen import present
 from fastgen.engine import Engine, RunStopped, WeightsMissingError, default_family
 from fastgen.present import PANEL_ORDER, Board
-from fastgen.registry import FAMILIES, family_available, get_family
+from fastgen.doctor import family_state, page_families
+from fastgen.registry import FAMILIES, get_family
 from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, CompareRequest, RequestError, check_family,
                              check_guidance, check_steps, shown)
 
@@ -309,7 +310,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
     runs = Runs(engine)
     if ZERO_GPU and not notice:  # jobs run in workers that inherit what the main process loaded: load it now
         log.info("loading %s at start-up: %.1f s", family, engine.load(family))
-    selectable = [(f.label, name) for name, f in FAMILIES.items() if name == family or family_available(name)]
+    selectable, unavailable = page_families(family)  # families that can run or be fetched now; why not the rest
 
     # delete_cache: generated files older than an hour go, checked hourly. No usage analytics leave the server
     # unless the host opts in (GRADIO_ANALYTICS_ENABLED=1).
@@ -328,6 +329,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                       samples=[[p] for p in example_prompts(family)], samples_per_page=6)
             with gr.Column(scale=2):
                 family_box = gr.Dropdown(selectable, value=family, label="Model family")
+                gr.Markdown(unavailable, visible=bool(unavailable), elem_classes="fg-note")
                 size = gr.Dropdown(present.size_choices(family), value=present.NATIVE, label="Size")
                 with gr.Row(equal_height=True):
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
@@ -408,10 +410,10 @@ def pick_family(family: str | None = None) -> tuple[str, str]:
             return "mini", (f"No model family can run here yet ({exc}). Fetch one with `python -m fastgen "
                             f"download --family sdxl` while online.")
     label = get_family(family).label  # an unknown name fails at startup, with the allowed names
-    if family_available(family):
+    state = family_state(family)
+    if state.usable:
         return family, ""
-    return family, (f"The {label} weights are not on this machine, so Generate will fail: fetch them with "
-                    f"`python -m fastgen download --family {family}` while online, or pick another family.")
+    return family, f"{label} cannot run here, so Generate will fail: {state.reason}. Or pick another family."
 
 
 class PanelView:

@@ -1,7 +1,8 @@
-"""Command line: compare methods side by side, or download a family's weights.
+"""Command line: compare methods side by side, download a family's weights, or check the machine.
 
     python -m fastgen compare "a red circle" --family sdxl --size 64x64 --out out/
     python -m fastgen download --family sdxl --dry-run
+    python -m fastgen doctor
 
 One function per subcommand; `main(argv)` dispatches on `args.command`.
 """
@@ -14,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fastgen.fetch import DownloadError
 from fastgen.registry import FAMILIES, custom_family, get_family
 
 
@@ -98,29 +100,89 @@ def compare(args) -> int:
 
 
 def download(args) -> int:
-    from fastgen import hub
+    from fastgen import fetch, hub
 
     family = _family(args)
-    local = [m for m in family.methods if all(hub.is_local(r) for r in m.repos)]
+    methods = [family.method(m) for m in args.methods.split(",")] if args.methods else list(family.methods)
+    local = [m for m in methods if all(hub.is_local(r) for r in m.repos)]
     missing = hub.missing_repos(local)
     if local:
         state = f"missing: {', '.join(missing)} (the mini family's are trained in fastgen/mini)" if missing else "present"
         print(f"{family.name}: weights on disk, nothing to download ({state})")
-    specs = [m for m in family.methods if m not in local]
+    specs = [m for m in methods if m not in local]
     if not specs:
         return 1 if missing else 0
-    if hub.offline():
-        print("HF_HUB_OFFLINE is set: cannot reach the Hub to download", file=sys.stderr)
-        return 1
-    plan = hub.remote_plan(specs)
-    total = sum(size for *_, size in plan)
-    print(f"{family.name}: {len(plan)} files, {total / 1e9:.2f} GB in total")
-    for repo, name, size in plan:
-        print(f"  {size / 1e6:10.1f} MB  {repo}/{name}")
+    # 1. Can the Hub be used at all? One short probe, so that no network fails in seconds, not minutes.
+    problem = fetch.hub_problem(fresh=True)
+    if problem and not hub.missing_repos(specs):
+        print(f"{family.name}: every file is already in {hub.cache_dir()} (nothing to fetch; {problem})")
+        return 0
+    fetch.check_hub(problem)
+    # 2. What would be fetched, and how big it is.
+    plan = fetch.plan(specs, fetch.HubListing())
+    if args.space_card:
+        print(space_card(plan))
+        return 0
+    print_plan(family.name, plan)
     if args.dry_run:
         return 0
-    hub.download(plan)
-    print(f"downloaded to {hub.cache_dir()}")
+    # 3. Drop what interrupted runs left half-written (it cannot be resumed), refuse before the first byte when
+    #    the disk cannot hold the rest, then fetch with one bar for all files.
+    stale = fetch.stale_partials(plan.repos)
+    if stale:
+        size = sum(p.stat().st_size for p in stale)
+        for partial in stale:
+            partial.unlink(missing_ok=True)
+        print(f"removed {len(stale)} half-fetched files ({fetch.size_text(size)}) left by an interrupted download")
+    fetch.check_space(plan)
+    if not plan.needed_bytes and all(f.present for f in plan.files):
+        print(f"{family.name}: every file is already in {hub.cache_dir()}")
+        return 0
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=plan.needed_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=family.name,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            fetch.download(plan, on_bytes=bar.update)
+    except KeyboardInterrupt:
+        print("interrupted: the files that finished are kept; run the same command to fetch the rest",
+              file=sys.stderr)
+        return 130
+    print(f"downloaded {fetch.size_text(plan.needed_bytes)} into {hub.cache_dir()}")
+    return 0
+
+
+def print_plan(family: str, plan) -> None:
+    """The files per method (each file once, under the first method that loads it), totals and free space."""
+    from fastgen import fetch, hub
+
+    files = plan.files
+    print(f"{family}: {len(plan.methods)} methods, {len(files)} files, {fetch.size_text(plan.total_bytes)} in total, "
+          f"{fetch.size_text(plan.needed_bytes)} still to download")
+    listed = set()
+    for method, method_files in plan.methods:
+        size = sum(f.size for f in method_files)
+        new = [f for f in method_files if (f.repo, f.name) not in listed]
+        shared = len(method_files) - len(new)
+        note = "" if not shared else (", all listed above" if not new else f", {shared} of them listed above")
+        print(f"  {method}: {len(method_files)} files, {fetch.size_text(size)}{note}")
+        for f in new:
+            print(f"    {f.size / 1e6:10.1f} MB  {f.label}{'  (already here)' if f.present else ''}")
+            listed.add((f.repo, f.name))
+    cache = hub.cache_dir()
+    print(f"free space where the Hub cache lives ({cache}): {fetch.size_text(fetch.free_bytes(cache))}")
+
+
+def space_card(plan) -> str:
+    """The README front matter lines that make a Space list these repos and fetch these files at build time."""
+    lines = ["models:", *(f"- {repo}" for repo in plan.repos), "preload_from_hub:"]
+    return "\n".join(lines + [f"- {entry}" for entry in plan.preload_from_hub()])
+
+
+def doctor(args) -> int:
+    from fastgen import doctor as checks
+
+    print(checks.report(args.family.split(",") if args.family else None))
     return 0
 
 
@@ -159,8 +221,17 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("download", help="fetch only the files a family needs")
     family_options(p)
-    p.add_argument("--dry-run", action="store_true", help="list the files and the total size, download nothing")
+    p.add_argument("--methods", help="comma-separated methods to fetch (default: all of the family's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the files, their sizes and the free disk space; download nothing")
+    p.add_argument("--space-card", action="store_true",
+                   help="print the Space card's models: and preload_from_hub: lines for these methods; "
+                        "download nothing")
     p.set_defaults(run=download)
+
+    p = commands.add_parser("doctor", help="show the software, the accelerator, and which families' weights are here")
+    p.add_argument("--family", help="comma-separated families to check (default: all)")
+    p.set_defaults(run=doctor)
 
     p = commands.add_parser("evaluate", help="score a mini-family method on a prompt set")
     p.add_argument("--family", default="mini")
@@ -181,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # bad input and missing weights: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
+    except (FileNotFoundError, DownloadError) as error:  # missing weights, or a download that cannot proceed
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

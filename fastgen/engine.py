@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fastgen import hub
+from fastgen import fetch, hub
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
 from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
@@ -150,9 +150,9 @@ class Engine:
     def _folders(self, spec: MethodSpec, family: Family) -> dict[str, Path]:
         """repo -> the folder holding its files, downloading what is missing unless offline."""
         missing = hub.missing_files(spec)
-        if missing and not hub.offline() and not any(hub.is_local(r) for r in missing):
+        if missing and not fetch.hub_problem() and not any(hub.is_local(r) for r in missing):
             try:
-                hub.download(hub.remote_plan([spec]))
+                fetch.download(fetch.plan([spec], fetch.HubListing()))
             except Exception as error:  # no network, Hub down, gated repo: all mean "not here, fetch them"
                 logger.warning("downloading %s failed: %s", ", ".join(missing), error)
                 raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None) from error

@@ -1,6 +1,6 @@
 """Where weights live: which files a method needs, where they are on disk, and what their content is.
 
-One selection rule serves three callers: `python -m fastgen download` (fetch only these files), the missing-
+One selection rule serves three callers: downloads (`fastgen.fetch` fetches only these files), the missing-
 weights check (are these files on disk?) and the cache (hash these files to key a component by content).
 Imports huggingface_hub only; never torch.
 """
@@ -219,47 +219,6 @@ def content_key(folder: Path, files: list[str], subfolder: str | None) -> str:
     return digest.hexdigest()
 
 
-# --- downloads --------------------------------------------------------------------------------------------
-
 def every_step_file(spec_list) -> list:
     """The specs with one recipe per step count spelled out (each step count's file is a download of its own)."""
     return [s.at_steps(n) if s.step_files else s for s in spec_list for n in (s.allowed_steps if s.step_files else (0,))]
-
-
-def remote_plan(spec_list) -> list[tuple[str, str, int]]:
-    """(repo, file, size in bytes) for every Hub file the methods need; local folders are skipped."""
-    from huggingface_hub import HfApi, hf_hub_download
-
-    api = HfApi()
-    sizes: dict[str, dict[str, int]] = {}
-    plan: dict[tuple[str, str], int] = {}
-
-    def files_of(repo):
-        if repo not in sizes:
-            info = api.model_info(repo, files_metadata=True)
-            sizes[repo] = {s.rfilename: s.size or 0 for s in info.siblings}
-        return sizes[repo]
-
-    for spec in every_step_file(spec_list):
-        if is_local(spec.repo):
-            continue
-        files = files_of(spec.repo)
-        model_index = read_json(Path(hf_hub_download(spec.repo, "model_index.json", cache_dir=cache_dir())))
-        plan[(spec.repo, "model_index.json")] = files.get("model_index.json", 0)
-        for source in method_sources(spec, model_index).values():
-            if is_local(source.repo):
-                continue
-            for name in select_files(list(files_of(source.repo)), source):
-                plan[(source.repo, name)] = files_of(source.repo).get(name, 0)
-    return [(repo, name, size) for (repo, name), size in plan.items()]
-
-
-def download(plan: list[tuple[str, str, int]]) -> None:
-    from huggingface_hub import snapshot_download
-
-    by_repo: dict[str, list[str]] = {}
-    for repo, name, _ in plan:
-        by_repo.setdefault(repo, []).append(name)
-    for repo, names in by_repo.items():
-        logger.info("downloading %d files from %s", len(names), repo)
-        snapshot_download(repo, allow_patterns=names, cache_dir=cache_dir())

@@ -405,8 +405,7 @@ def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, nam
 
 def family_available(name: str | Family) -> bool:
     """Whether the family's weights can be loaded now: present on disk or in the Hub cache, or downloadable
-    (the Hub is not switched off with HF_HUB_OFFLINE). Never imports torch."""
-    from fastgen import hub  # deferred: huggingface_hub is only needed once someone asks
+    (HF_HUB_OFFLINE is not set and the Hub answers). Never imports torch."""
+    from fastgen import doctor  # deferred: huggingface_hub is only needed once someone asks
 
-    missing = hub.missing_repos(get_family(name).methods)
-    return not missing or (not hub.offline() and not any(hub.is_local(r) for r in missing))
+    return doctor.family_state(name).usable

@@ -3,6 +3,8 @@
     def test_something(fake_hub):      # the cache path; HF_HUB_CACHE points at it, HF_HUB_OFFLINE=1
         Engine().run("sdxl", "turbo", "a red circle", width=64, height=64)
 
+    def test_download(online, server): # online against the fake Hub served over HTTP, into an empty cache
+
 The environment is set when this file is imported, before any test imports huggingface_hub or diffusers
 (both read it once at import), so no test can reach the Hub or the user's own cache.
 """
@@ -44,6 +46,30 @@ def fake_hub() -> Path:
         (_HUB / ".built").touch()
     _point_libraries_at(_HUB)
     return _HUB
+
+
+@pytest.fixture
+def server(fake_hub):
+    """The fake Hub's repos served over HTTP (tests/fakehub.py `HubServer`); switch failures on through it."""
+    from tests.fakehub import HubServer
+
+    with HubServer(fake_hub) as running:
+        yield running
+
+
+@pytest.fixture
+def online(server, tmp_path, monkeypatch):
+    """This process online against `server`, with an empty Hub cache (returned) to download into."""
+    import huggingface_hub.constants
+
+    from fastgen import fetch
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(fetch, "endpoint", lambda: server.endpoint)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -403,3 +403,135 @@ def mini_family(folder: str | os.PathLike):
         for m in MINI.methods
     )
     return Family(name="mini", label=MINI.label, methods=methods, description=MINI.description)
+
+
+# --- the fake Hub over HTTP -------------------------------------------------------------------------------
+
+class HubServer:
+    """The repos of a fake Hub cache served over HTTP the way huggingface.co answers huggingface_hub: repo
+    listings with file sizes (`/api/models/<repo>`), and `/<repo>/resolve/<rev>/<file>` with the commit, ETag
+    and size headers, byte ranges, and the Hub's error codes. Failures are switched on per repo or file:
+
+        with HubServer(cache) as server:      # server.endpoint -> HF_ENDPOINT
+            server.gated.add(SDXL_BASE)        # 401 GatedRepo;  server.gone: 404 RepoNotFound
+            server.gone_files.add((repo, f))  # 404 EntryNotFound
+            server.cut[(repo, f)] = 1000      # the next answer for that file drops after 1000 bytes
+            server.stall[(repo, f)] = 30      # sends half the file, then waits 30 s before the rest
+    """
+
+    def __init__(self, cache: str | os.PathLike):
+        self.cache = Path(cache)
+        self.gated: set[str] = set()
+        self.gone: set[str] = set()
+        self.gone_files: set[tuple[str, str]] = set()
+        self.cut: dict[tuple[str, str], int] = {}
+        self.stall: dict[tuple[str, str], float] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+
+    def snapshot(self, repo: str) -> tuple[str, Path]:
+        repo_dir = self.cache / f"models--{repo.replace('/', '--')}"
+        commit = (repo_dir / "refs" / "main").read_text().strip()
+        return commit, repo_dir / "snapshots" / commit
+
+    def files(self, repo: str) -> dict[str, Path]:
+        _, folder = self.snapshot(repo)
+        return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def __enter__(self) -> "HubServer":
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                server.answer(self, body=False)
+
+            def do_GET(self):
+                server.answer(self, body=True)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, request, body: bool) -> None:
+        import re
+        from urllib.parse import unquote, urlsplit
+
+        path = unquote(urlsplit(request.path).path)
+        self.requests.append((request.command, path, request.headers.get("Range")))
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        repo = (api or resolve).group(1) if (api or resolve) else None
+        if repo is None:
+            return self.send(request, 200 if path == "/" else 404, b"", body)
+        if repo in self.gated:
+            return self.send(request, 401, b'{"error": "Access to this model is restricted."}', body,
+                             {"X-Error-Code": "GatedRepo"})
+        if repo in self.gone or not (self.cache / f"models--{repo.replace('/', '--')}").is_dir():
+            return self.send(request, 401 if api else 404, b'{"error": "Repository not found"}', body,
+                             {"X-Error-Code": "RepoNotFound"})
+        commit, _ = self.snapshot(repo)
+        files = self.files(repo)
+        if api:
+            siblings = []
+            for name, link in files.items():
+                entry = {"rfilename": name, "size": link.stat().st_size, "blobId": link.resolve().name}
+                if name.endswith(LFS_SUFFIXES):
+                    entry["lfs"] = {"sha256": link.resolve().name, "size": link.stat().st_size, "pointerSize": 134}
+                siblings.append(entry)
+            data = {"id": repo, "modelId": repo, "sha": commit, "private": False, "siblings": siblings}
+            return self.send(request, 200, json.dumps(data).encode(), body, {"Content-Type": "application/json"})
+        name = resolve.group(3)
+        headers = {"X-Repo-Commit": commit}
+        if name not in files or (repo, name) in self.gone_files:
+            return self.send(request, 404, b'{"error": "Entry not found"}', body,
+                             {**headers, "X-Error-Code": "EntryNotFound"})
+        data = files[name].read_bytes()
+        etag = files[name].resolve().name
+        headers["ETag"] = f'"{etag}"'
+        if name.endswith(LFS_SUFFIXES):
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+        start = 0
+        ranged = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range") or "")
+        if ranged and body:
+            start = int(ranged.group(1))
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        self.send(request, 206 if start else 200, data[start:], body, headers,
+                  cut=self.cut.pop((repo, name), None) if body else None, stall=self.stall.get((repo, name)))
+
+    @staticmethod
+    def send(request, status: int, data: bytes, body: bool, headers: dict | None = None, cut: int | None = None,
+             stall: float | None = None):
+        request.send_response(status)
+        for key, value in (headers or {}).items():
+            request.send_header(key, value)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if not body:
+            return
+        if cut is not None and cut < len(data):  # a connection that drops half-way through the file
+            request.wfile.write(data[:cut])
+            request.wfile.flush()
+            request.close_connection = True
+            request.connection.shutdown(2)
+            return
+        if stall:
+            import time
+
+            request.wfile.write(data[:len(data) // 2])
+            request.wfile.flush()
+            time.sleep(stall)
+            data = data[len(data) // 2:]
+        request.wfile.write(data)

@@ -382,3 +382,18 @@ def test_example_script_runs(fake_mini, tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "steps" in line]
     assert [line.split()[0] for line in lines] == ["Turbo", "LCM", "LCM-LoRA", "Baseline"]
     assert "faster" in lines[0] and Image.open(tmp_path / "grid.png").width >= 4 * 64
+
+
+def test_family_list_offers_only_what_can_run_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # no sdxl/sd15 weights here, and HF_HUB_OFFLINE=1
+    blocks = app.create_demo(FakeEngine(), family="mini").blocks.values()
+    dropdown = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == "Model family")
+    assert [value for _, value in dropdown.choices] == ["mini"]
+    note = next(b for b in blocks if isinstance(b, gr.Markdown) and "is unavailable" in (b.value or ""))
+    assert note.visible and "Stable Diffusion XL is unavailable" in note.value and "HF_HUB_OFFLINE" in note.value
+
+
+def test_opening_on_a_family_that_cannot_run_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    family, notice = app.pick_family("sd15")
+    assert family == "sd15" and "Generate will fail" in notice and "python -m fastgen download --family sd15" in notice

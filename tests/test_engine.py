@@ -420,18 +420,23 @@ def test_missing_weights_offline_name_the_repos_and_the_command(tmp_path, monkey
 
 def test_a_failed_download_reads_as_missing_weights_not_a_crash(tmp_path, monkeypatch):
     """Online mode, but the Hub cannot be reached (or refuses): the same clear error as offline."""
-    from fastgen import hub
+    from fastgen import fetch
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-
-    def unreachable(specs):
-        raise ConnectionError("Hub unreachable")
-
-    monkeypatch.setattr(hub, "remote_plan", unreachable)
+    monkeypatch.setattr(fetch, "endpoint", lambda: "http://127.0.0.1:9")  # nothing answers: no download is tried
     with pytest.raises(WeightsMissingError, match="python -m fastgen download --family sdxl") as error:
         Engine(device="cpu").run("sdxl", "turbo", PROMPT, **SIZE)
-    assert isinstance(error.value.__cause__, ConnectionError)
+    assert error.value.__cause__ is None
+
+    def refused(specs, listing):
+        raise fetch.DownloadError("stabilityai/sdxl-turbo is gated")
+
+    monkeypatch.setattr(fetch, "hub_problem", lambda *args, **kwargs: "")  # the Hub answers, but refuses
+    monkeypatch.setattr(fetch, "plan", refused)
+    with pytest.raises(WeightsMissingError, match="python -m fastgen download --family sdxl") as error:
+        Engine(device="cpu").run("sdxl", "turbo", PROMPT, **SIZE)
+    assert isinstance(error.value.__cause__, fetch.DownloadError)
 
 
 def test_only_the_missing_repo_is_named(fake_hub, tmp_path, monkeypatch):

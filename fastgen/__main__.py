@@ -103,7 +103,10 @@ def download(args) -> int:
     from fastgen import fetch, hub
 
     family = _family(args)
-    methods = [family.method(m) for m in args.methods.split(",")] if args.methods else list(family.methods)
+    if args.methods == "all":
+        methods = list(family.methods)
+    else:  # the methods named, else the ones the page opens with
+        methods = [family.method(m) for m in (args.methods.split(",") if args.methods else family.default_methods)]
     local = [m for m in methods if all(hub.is_local(r) for r in m.repos)]
     missing = hub.missing_repos(local)
     if local:
@@ -221,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("download", help="fetch only the files a family needs")
     family_options(p)
-    p.add_argument("--methods", help="comma-separated methods to fetch (default: all of the family's)")
+    p.add_argument("--methods", help="comma-separated methods to fetch, or all (default: the ones the page opens "
+                                      "with: turbo,lcm,lcm-lora,baseline for sdxl)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the files, their sizes and the free disk space; download nothing")
     p.add_argument("--space-card", action="store_true",

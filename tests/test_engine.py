@@ -360,7 +360,7 @@ def test_a_budget_below_one_method_still_runs(fake_hub, caplog):
     "call, message",
     [
         (dict(family="sd3"), r"`family` must be one of \('sdxl', 'sd15', 'mini'"),
-        (dict(method="hyper"), r"`method` must be one of \('turbo', 'lcm', 'lcm-lora', 'baseline'\)"),
+        (dict(method="hyper"), r"`method` must be one of \('turbo', 'lcm', 'lcm-lora', 'lightning', 'hyper-sd'"),
         (dict(method="lcm", steps=9), r"`steps` must be an integer in \[1, 8\] for lcm, got 9"),
         (dict(method="lcm", steps=51), r"\[1, 8\]"),
         (dict(method="baseline", steps=0), r"`steps` must be an integer in \[1, 100\] for baseline, got 0"),
@@ -382,7 +382,7 @@ def test_bad_input_is_a_clear_error(call, message):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (dict(methods=[]), r"`methods` must name at least one of \('turbo', 'lcm', 'lcm-lora', 'baseline'\)"),
+        (dict(methods=[]), r"`methods` must name at least one of \('turbo', 'lcm', 'lcm-lora', 'lightning'"),
         (dict(methods=["turbo", "turbo"]), "must not repeat"),
         (dict(methods=["turbo"], steps={"baseline": 3}), r"names methods that are not run: \['baseline'\]"),
         (dict(methods=["turbo", "lcm"], steps={"lcm": 60}), r"\[1, 8\] for lcm, got 60"),

@@ -46,7 +46,8 @@ def blobs_intact(cache):
 
 
 def test_plan_lists_per_method_files_and_sizes(online, server):
-    plan = fetch.plan(get_family("sdxl").methods, fetch.HubListing())
+    sdxl = get_family("sdxl")
+    plan = fetch.plan([sdxl.method(m) for m in sdxl.default_methods], fetch.HubListing())
     assert [name for name, _ in plan.methods] == ["turbo", "lcm", "lcm-lora", "baseline"]
     files = {f.label: f for f in plan.files}
     assert f"{SDXL_BASE}/unet/diffusion_pytorch_model.fp16.safetensors" in files
@@ -59,6 +60,14 @@ def test_plan_lists_per_method_files_and_sizes(online, server):
     assert plan.total_bytes == sum(f.size for f in plan.files)
     baseline = dict(plan.methods)["baseline"]
     assert {f.repo for f in baseline} == {SDXL_BASE}
+
+
+def test_a_method_with_a_file_per_step_count_plans_every_file(fake_hub):
+    plan = fetch.plan([get_family("sdxl").method("lightning"), get_family("sdxl").method("dmd2")], fetch.CacheListing())
+    names = {f.name for _, files in plan.methods for f in files}
+    assert {"sdxl_lightning_1step_unet_x0.safetensors", "sdxl_lightning_2step_unet.safetensors",
+            "sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_8step_unet.safetensors",
+            "dmd2_sdxl_4step_unet_fp16.safetensors", "dmd2_sdxl_1step_unet_fp16.bin"} <= names
 
 
 def test_a_repo_that_no_longer_has_a_methods_files_is_named(fake_hub):
@@ -85,7 +94,9 @@ def test_download_shows_progress_and_a_rerun_fetches_nothing(online, server, cap
     captured = capsys.readouterr()
     assert "B/s" in captured.err and "100%" in captured.err  # one bar: bytes and rate
     assert f"into {online}" in captured.out
-    assert hub.missing_repos(get_family("sdxl").methods) == []
+    sdxl = get_family("sdxl")
+    assert hub.missing_repos([sdxl.method(m) for m in sdxl.default_methods]) == []
+    assert hub.missing_repos([sdxl.method("lightning")]) == ["ByteDance/SDXL-Lightning"]  # not asked for
     blobs_intact(online)
     fetched = len(resolved(server))
 
@@ -264,10 +275,12 @@ def test_space_card_preloads_exactly_what_the_default_family_loads(fake_hub):
     from huggingface_hub.utils import validate_repo_id
 
     card = SpaceCard.load(ROOT / "README.md")
-    plan = fetch.plan(get_family("sdxl").methods, fetch.CacheListing())
+    sdxl = get_family("sdxl")
+    opening = [sdxl.method(m) for m in sdxl.default_methods]  # the panels the page opens with
+    plan = fetch.plan(opening, fetch.CacheListing())
     preload = card.data.to_dict()["preload_from_hub"]
     assert preload == plan.preload_from_hub()
-    assert card.data.models == plan.repos == list(get_family("sdxl").repos)
+    assert card.data.models == plan.repos == list(dict.fromkeys(r for m in opening for r in m.repos))
     for entry in preload:  # "repo_id file1,file2": the Spaces build fetches only these files
         repo, files = entry.split(" ")
         validate_repo_id(repo)

@@ -38,10 +38,30 @@ def test_rows_follow_the_recipes_table(key):
     assert (spec.guidance_mode, spec.native_size) == (mode, size)
 
 
-def test_families_hold_the_four_methods_in_comparison_order():
+def test_families_hold_their_methods_in_comparison_order():
     assert set(FAMILIES) >= {"sdxl", "sd15", "mini"}
-    for family in FAMILIES.values():
-        assert family.method_names == ("turbo", "lcm", "lcm-lora", "baseline")
+    for family in FAMILIES.values():  # the page opens with the four the product is known for
+        assert family.default_methods == ("turbo", "lcm", "lcm-lora", "baseline")
+        assert family.reference == "baseline" and family.panel_order[-1] == "baseline"
+    assert get_family("sdxl").panel_order == ("turbo", "lcm", "lcm-lora", "lightning", "hyper-sd", "dmd2", "baseline")
+    assert get_family("mini").method_names == ("turbo", "lcm", "lcm-lora", "baseline")  # the rows it has models for
+
+
+def test_a_step_count_picks_its_file_scheduler_and_call_arguments():
+    sdxl = get_family("sdxl")
+    one = sdxl.method("lightning").at_steps(1)
+    assert one.unet_weight_name == "sdxl_lightning_1step_unet_x0.safetensors"
+    assert dict(one.scheduler_kwargs) == {"timestep_spacing": "trailing", "prediction_type": "sample"}
+    assert dict(sdxl.method("lightning").at_steps(8).scheduler_kwargs) == {"timestep_spacing": "trailing"}
+    hyper = sdxl.method("hyper-sd").at_steps(1)
+    assert (hyper.lora_weight_name, hyper.scheduler, dict(hyper.call_kwargs)) == (
+        "Hyper-SDXL-1step-lora.safetensors", "tcd", {"eta": 1.0})
+    assert sdxl.method("hyper-sd").at_steps(2).scheduler == "ddim"
+    assert dict(sdxl.method("dmd2").at_steps(4).call_kwargs) == {"timesteps": (999, 749, 499, 249)}
+    assert sdxl.method("dmd2").at_steps(1).unet_weight_name.endswith(".bin")
+    assert sdxl.method("dmd2").allowed_steps == (1, 4)
+    with pytest.raises(ValueError, match=r"`steps` must be one of \(1, 4\) for dmd2"):
+        sdxl.method("dmd2").at_steps(2)
 
 
 def test_recipe_details():
@@ -71,7 +91,7 @@ def test_negative_prompt_is_ignored_without_cfg():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(name="fast"), "`name` must be one of"),
+        (dict(name="Fast One"), "`name` must be lower-case letters, digits and dashes"),
         (dict(scheduler="dpm"), "`scheduler` must be one of"),
         (dict(guidance_mode="both"), "`guidance_mode` must be one of"),
         (dict(steps=0), "`steps` must satisfy"),
@@ -105,7 +125,7 @@ def test_family_lookup_and_validation():
     assert get_family("sd15") is FAMILIES["sd15"] and get_family(FAMILIES["mini"]) is FAMILIES["mini"]
     with pytest.raises(ValueError, match=r"`family` must be one of \('sdxl', 'sd15', 'mini'.*got 'sd3'"):
         get_family("sd3")
-    with pytest.raises(ValueError, match=r"`method` must be one of \('turbo', 'lcm', 'lcm-lora', 'baseline'\)"):
+    with pytest.raises(ValueError, match=r"`method` must be one of \('turbo', 'lcm', 'lcm-lora', 'lightning'"):
         get_family("sdxl").method("hyper")
     baseline = get_family("sdxl").method("baseline")
     with pytest.raises(ValueError, match="unique names"):

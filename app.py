@@ -33,17 +33,17 @@ from typing import Iterator
 import gradio as gr
 
 from fastgen import present
-from fastgen.engine import Engine, RunStopped, WeightsMissingError, default_family
+from fastgen.engine import Engine, RunStopped, MissingWeightsError, default_family
 from fastgen.present import PANEL_ORDER, Board
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
 from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, CompareRequest, RequestError, check_family,
-                             check_guidance, check_steps, shown)
+                             check_guidance, check_steps, parse_size, shown)
 
 log = logging.getLogger("fastgen.app")
 
 # Errors whose message is meant for the user: bad input (ValueError) and weights not on this machine.
-KNOWN_ERRORS = (ValueError, WeightsMissingError)
+KNOWN_ERRORS = (ValueError, MissingWeightsError)
 QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is currently busy"
 EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
 GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
@@ -187,9 +187,7 @@ class Runs:
                     steps[method], guidance[method] = slider_int(n), g
         if not methods:
             raise RequestError("methods", "Turn on at least one panel.")
-        if size is not None and not isinstance(size, str):
-            raise RequestError("width", f"`size` must be native or WxH, got {shown(size)}")
-        width, height = present.parse_size(size)
+        width, height = parse_size(size)
         req = CompareRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
                                         methods=methods, width=width, height=height, steps=steps,
                                         guidance=guidance), family=fam)
@@ -406,7 +404,7 @@ def pick_family(family: str | None = None) -> tuple[str, str]:
     if family is None:
         try:
             return default_family(), ""
-        except WeightsMissingError as exc:
+        except MissingWeightsError as exc:
             return "mini", (f"No model family can run here yet ({exc}). Fetch one with `python -m fastgen "
                             f"download --family sdxl` while online.")
     label = get_family(family).label  # an unknown name fails at startup, with the allowed names

@@ -19,14 +19,13 @@ from fastgen.fetch import DownloadError
 from fastgen.registry import FAMILIES, custom_family, get_family
 
 
-def _size(text: str) -> tuple[int, int] | None:
-    if text == "native":
-        return None
+def _size(text: str) -> tuple[int | None, int | None]:
+    from fastgen.request import parse_size
+
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must be WxH (like 512x512) or native, got {text!r}") from None
-    return width, height
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("`size`", "--size")) from None
 
 
 def _pairs(cast):
@@ -70,7 +69,7 @@ def compare(args) -> int:
     from fastgen.request import CompareRequest
 
     family = _family(args)
-    width, height = args.size or (None, None)
+    width, height = args.size or (None, None)  # (None, None): each method's native size
     request = CompareRequest.parse(dict(
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
         methods=args.methods.split(",") if args.methods else None, steps=dict(args.steps) or None,

@@ -29,12 +29,11 @@ from fastgen.request import (MAX_SEED, MAX_SIZE, check_guidance, check_int, chec
 from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
-__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError", "WeightsMissingError", "default_family",
+__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError", "MissingWeightsError", "default_family",
            "pick_device", "pick_dtype", "MAX_SIZE", "MAX_SEED"]
 
 logger = logging.getLogger(__name__)
 
-WeightsMissingError = MissingWeightsError
 OnStep = Callable[[str, int, int], None]
 
 
@@ -299,7 +298,7 @@ class Engine:
             width: int | None = None, height: int | None = None, steps: int | None = None,
             guidance: float | None = None, on_step: OnStep | None = None,
             stop: threading.Event | None = None) -> MethodResult:
-        """Generate one panel. Raises ValueError on bad input, WeightsMissingError, or RunStopped."""
+        """Generate one panel. Raises ValueError on bad input, MissingWeightsError, or RunStopped."""
         family = get_family(family)
         spec = family.method(method)
         width = check_size("width", spec.native_size if width is None else width)
@@ -332,7 +331,7 @@ class Engine:
             width=width, height=height, seconds=round(sum(timings.values()), 4),
             load_seconds=round(load_seconds, 4), timings={k: round(v, 4) for k, v in timings.items()},
             steps_per_second=round(loop_steps / max(timings["denoising"], 1e-9), 3),
-            warnings=self._warnings(pipe, spec, prompt, negative_prompt, cfg, width, height, flagged),
+            warnings=self._warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, width, height, flagged),
             code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                              guidance=guidance, width=width, height=height, device=self.device,
                              dtype=self.dtype_name, scheduler_class=type(scheduler).__name__),
@@ -391,7 +390,7 @@ class Engine:
         return output.images[0], timings, marks["steps"], flagged
 
     @staticmethod
-    def _warnings(pipe, spec, prompt, negative_prompt, cfg, width, height, flagged) -> list[str]:
+    def _warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, width, height, flagged) -> list[str]:
         warnings = []
         tokenizer = pipe.tokenizer
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt if cfg else "")):
@@ -399,9 +398,8 @@ class Engine:
             if count > tokenizer.model_max_length:
                 warnings.append(f"{name} truncated: {count} tokens, the text encoder reads the first "
                                 f"{tokenizer.model_max_length}")
-        if negative_prompt and not cfg:
-            why = (f"{spec.label} runs without classifier-free guidance" if spec.ignores_negative_prompt
-                   else "classifier-free guidance is off at guidance <= 1")
+        why = spec.negative_prompt_ignored(guidance)
+        if negative_prompt and why:
             warnings.append(f"negative prompt ignored: {why}")
         if (width, height) != (spec.native_size, spec.native_size):
             warnings.append(f"{spec.label} was trained at {spec.native_size}x{spec.native_size}; "

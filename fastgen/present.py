@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from fastgen.registry import get_family
+from fastgen.request import parse_size  # noqa: F401  (the page parses its size control with it)
 from fastgen.results import MethodFailure
 
 # The layout order of the panels: fastest method on the left, the 50-step baseline on the right.
@@ -55,13 +56,8 @@ def guidance_info(spec) -> str:
 
 def negative_prompt_note(spec, guidance: float) -> str:
     """Why this method ignores the negative prompt at this guidance, or "" when it uses it."""
-    if spec.guidance_mode == "embedding":
-        return "Ignores the negative prompt: guidance is an embedding, there is no unconditional pass."
-    if spec.ignores_negative_prompt:
-        return "Ignores the negative prompt: it samples without classifier-free guidance."
-    if not spec.cfg_at(guidance):
-        return "Ignores the negative prompt at guidance 1 or below: classifier-free guidance is off."
-    return ""
+    why = spec.negative_prompt_ignored(guidance)
+    return f"Ignores the negative prompt: {why}." if why else ""
 
 
 def licence_note(spec) -> str:
@@ -107,17 +103,6 @@ def size_choices(family: str) -> list[tuple[str, str]]:
     native_label = "Native (" + ", ".join(f"{n}²" for n in natives) + ")"
     squares = sorted({*natives, *(s for s in (512, 768, 1024) if s <= max(natives))})
     return [(native_label, NATIVE)] + [(f"{s}×{s} for all", f"{s}x{s}") for s in squares]
-
-
-def parse_size(value: str | None) -> tuple[int | None, int | None]:
-    """"native" -> (None, None); "512x768" -> (512, 768). The engine validates the numbers."""
-    if not value or value == NATIVE:
-        return None, None
-    try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must be 'native' or WIDTHxHEIGHT, got {value!r}") from None
-    return width, height
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -159,6 +159,17 @@ class MethodSpec:
         """True when no setting of this method runs classifier-free guidance, so a negative prompt has no effect."""
         return self.guidance_mode != "cfg" or self.max_guidance <= 1
 
+    def negative_prompt_ignored(self, guidance: float) -> str | None:
+        """Why a run at `guidance` ignores the negative prompt, or None when it uses it: the one wording of this
+        rule, for the panel's note and the result's warning."""
+        if self.guidance_mode == "embedding":
+            return "guidance is an embedding, there is no unconditional pass"
+        if self.ignores_negative_prompt:
+            return "it samples without classifier-free guidance"
+        if not self.cfg_at(guidance):
+            return "classifier-free guidance is off at guidance 1 or below"
+        return None
+
     def cfg_at(self, guidance: float) -> bool:
         """Whether a run at `guidance` does classifier-free guidance (diffusers: only when > 1 and no w-embedding)."""
         return self.guidance_mode == "cfg" and guidance > 1

@@ -143,6 +143,17 @@ def check_per_method(name: str, value, family: Family, methods: list[str]) -> di
     return {m: check(family.method(m), v) for m, v in value.items()}
 
 
+def parse_size(value: str | None) -> tuple[int | None, int | None]:
+    """The page's and the CLI's size text: "native" (or nothing) -> (None, None); "512x768" -> (512, 768). The
+    numbers are checked with the rest of the request."""
+    if value is None or value == "" or value == "native":
+        return None, None
+    parts = value.lower().split("x") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise RequestError("width", f"`size` must be native or WIDTHxHEIGHT (like 512x512), got {shown(value)}")
+    return int(parts[0]), int(parts[1])
+
+
 # --- the request ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

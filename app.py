@@ -34,7 +34,7 @@ import gradio as gr
 
 from fastgen import present
 from fastgen.engine import Engine, RunStopped, MissingWeightsError, default_family
-from fastgen.present import PANEL_ORDER, Board
+from fastgen.present import Board
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
 from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, CompareRequest, RequestError, check_family,
@@ -50,10 +50,9 @@ GPU = "gpu"  # the one concurrency group every model call joins: one job on the 
 # Families cheap enough (seconds on any CPU) to run the first example as soon as the page opens. Not the
 # full-size ones: on a shared GPU every page view would queue a job.
 FILL_ON_OPEN = {"mini"}
-# Per panel, the event outputs are these, in this order, for each method of PANEL_ORDER.
+# Per panel slot (present.panel_slots(): every registered method), the event outputs are these, in this order.
 PANEL_OUTPUTS = ("image", "status", "caption", "code")
 RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
-OUTPUT_NAMES = [f"{m}.{o}" for m in PANEL_ORDER for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
 
 def refused(error: RequestError) -> gr.Error:
     """Bad input: one INFO line (the field and why, never the whole value) and the message for the user."""
@@ -91,10 +90,12 @@ def example_prompts(family: str) -> list[str]:
 
 class Runs:
     """The event functions that touch the engine. Each yields the full output list (gr.skip() where a
-    component does not change); see OUTPUT_NAMES for its order."""
+    component does not change); `output_names` says its order."""
 
-    def __init__(self, engine: Engine, export_dir: Path | None = None):
+    def __init__(self, engine: Engine, export_dir: Path | None = None, slots: tuple[str, ...] | None = None):
         self.engine = engine
+        self.slots = tuple(slots or present.panel_slots())  # one panel per registered method
+        self.output_names = [f"{m}.{o}" for m in self.slots for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
         if export_dir is None:  # removed with this object (at the latest when the server exits)
             self._exports = tempfile.TemporaryDirectory(prefix="fastgen-exports-")
             export_dir = Path(self._exports.name)
@@ -124,7 +125,7 @@ class Runs:
               guidance: float) -> Iterator[list]:
         """Rerun one panel with its new slider values and the last run's prompt, seed and size."""
         if not isinstance(board, Board) or not enabled or board.panels.get(method) is None:
-            yield [gr.skip()] * len(OUTPUT_NAMES)
+            yield [gr.skip()] * len(self.output_names)
             return
         spec = get_family(board.family).method(method)
         try:
@@ -179,7 +180,7 @@ class Runs:
         fam = check_family(family)  # first: which panels count depends on it
         names = present.panel_methods(fam.name)
         methods, steps, guidance = [], {}, {}
-        for i, method in enumerate(PANEL_ORDER):
+        for i, method in enumerate(self.slots):
             if method in names:
                 on, n, g = panel_values[3 * i: 3 * i + 3]
                 if on is True:
@@ -203,7 +204,7 @@ class Runs:
             log.info("refused %s: %s", exc.field, exc)
             error = exc
         fields = ["family", "prompt", "negative_prompt", "seed", "width", "board"]
-        panel_fields = [f for _ in PANEL_ORDER for f in ("methods", "steps", "guidance")]
+        panel_fields = [f for _ in self.slots for f in ("methods", "steps", "guidance")]
         checks = verdicts(error, fields + panel_fields)
         if error is not None and error.field == "height":  # width and height share the size control
             checks[4] = gr.validate(False, str(error))
@@ -212,7 +213,7 @@ class Runs:
     def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> list:
         """The output list for `board`: changed panels get new values, the others gr.skip()."""
         out = []
-        for method in PANEL_ORDER:
+        for method in self.slots:
             panel = board.panels.get(method)
             if panel is None or method not in changed:
                 out += [gr.skip()] * len(PANEL_OUTPUTS)
@@ -286,8 +287,8 @@ def compare_api(engine: Engine, default: str):
 
 
 CSS = """
-.fg-panels { display: grid !important; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 12px; }
-@media (max-width: 1100px) { .fg-panels { grid-template-columns: repeat(2, minmax(0, 1fr)); } }
+/* As many panels per row as fit at 240 px or more; the grid wraps the rest (N panels, any screen). */
+.fg-panels { display: grid !important; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 12px; }
 .fg-panel { min-width: 0 !important; }
 .fg-panel .fg-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .fg-panel h3 { margin: 0; }
@@ -337,10 +338,13 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
                 run_status = gr.Markdown(elem_classes="fg-note")
 
+        shown = gr.CheckboxGroup(method_choices(family), value=list(get_family(family).default_methods),
+                                 label="Methods", info="Add or remove panels: the reference is what speed-ups "
+                                                       "are measured against", elem_classes="fg-methods")
         board = gr.State(None)
         panels = {}
         with gr.Row(elem_classes="fg-panels"):
-            for method in PANEL_ORDER:
+            for method in runs.slots:
                 panels[method] = PanelView(family, method)
 
         with gr.Accordion("Compare two panels", open=True):
@@ -364,9 +368,10 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
             api_button = gr.Button()
 
         # -- wiring -----------------------------------------------------------------------------------
-        outputs = [getattr(panels[m], o) for m in PANEL_ORDER for o in PANEL_OUTPUTS]
+        slots = runs.slots
+        outputs = [getattr(panels[m], o) for m in slots for o in PANEL_OUTPUTS]
         outputs += [board, left, right, slider, grid_file, json_file, generate, stop]
-        panel_inputs = [c for m in PANEL_ORDER for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
+        panel_inputs = [c for m in slots for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
         run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=1, show_progress="minimal",
                         show_progress_on=run_status, api_visibility="private")
 
@@ -387,10 +392,13 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                   outputs=panel.note, queue=False, api_visibility="private")
         gr.on([left.input, right.input], present.compare_images, inputs=[board, left, right], outputs=slider,
               queue=False, api_visibility="private")
-        family_box.change(family_handler, inputs=family_box,
-                          outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file,
-                                   *[c for m in PANEL_ORDER for c in panels[m].family_outputs()]],
+        family_box.change(family_handler(slots), inputs=family_box,
+                          outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file, shown,
+                                   *[c for m in slots for c in panels[m].family_outputs()]],
                           api_visibility="private")
+        shown.input(shown_handler(slots), inputs=[family_box, shown],
+                    outputs=[c for m in slots for c in (panels[m].column, panels[m].toggle)], queue=False,
+                    api_visibility="private")
         api_compare, api_validate = compare_api(engine, family)
         api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
                          concurrency_id=GPU, concurrency_limit=1)
@@ -419,12 +427,12 @@ class PanelView:
 
     def __init__(self, family: str, method: str):
         spec = panel_spec(family, method)
-        visible = spec is not None
+        visible = spec is not None and spec.shown
         with gr.Column(elem_classes="fg-panel", variant="panel", visible=visible, min_width=200) as self.column:
             spec = spec or get_family(family).methods[0]  # placeholder values for a hidden panel
             with gr.Row(equal_height=True):
                 self.title = gr.Markdown(f"### {spec.label}")
-                self.toggle = gr.Checkbox(True, label="On", container=False, min_width=60, scale=0)
+                self.toggle = gr.Checkbox(visible, label="On", container=False, min_width=60, scale=0)
             self.image = gr.Image(label=spec.label, type="pil", format="png", interactive=False, show_label=False,
                                   height=256, buttons=["download", "fullscreen"], elem_classes="fg-image")
             self.status = gr.HTML()
@@ -445,8 +453,27 @@ def panel_spec(family: str, method: str):
 
 
 def steps_props(spec) -> dict:
+    info = (f"{', '.join(map(str, spec.allowed_steps))}: one model file each" if spec.step_files else None)
     return dict(minimum=spec.min_steps, maximum=spec.max_steps, value=spec.steps, step=1, label="Steps",
-                interactive=spec.min_steps < spec.max_steps)
+                interactive=spec.min_steps < spec.max_steps, info=info)
+
+
+def method_choices(family: str) -> list[tuple[str, str]]:
+    """(label, name) for the Methods control, in panel order; the reference says so."""
+    fam = get_family(family)
+    return [(f"{fam.method(m).label}{' (reference)' if m == fam.reference else ''}", m) for m in fam.panel_order]
+
+
+def shown_handler(slots: tuple[str, ...]):
+    def show(family: str, chosen: list[str]) -> list:
+        """Adding a method shows its panel, switched on; removing one hides it and switches it off."""
+        names = set(present.panel_methods(family))
+        out = []
+        for method in slots:
+            on = method in names and method in (chosen or [])
+            out += [gr.Column(visible=on), on]
+        return out
+    return show
 
 
 def guidance_props(spec) -> dict:
@@ -468,21 +495,26 @@ def rerun_handler(runs: Runs, method: str):
     return rerun
 
 
-def family_handler(family: str) -> list:
-    """Switching family resets the page to that family's methods, ranges, sizes and examples."""
-    prompts = example_prompts(family)
-    out = [gr.Dropdown(choices=present.size_choices(family), value=present.NATIVE),
-           gr.Dataset(samples=[[p] for p in prompts]), prompts[0], None, None,
-           gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None),
-           gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False)]
-    for method in PANEL_ORDER:
-        spec = panel_spec(family, method)
-        if spec is None:
-            out += [gr.Column(visible=False)] + [gr.skip()] * 9
-            continue
-        out += [gr.Column(visible=True), f"### {spec.label}", True, None, "", "", gr.Slider(**steps_props(spec)),
-                gr.Slider(**guidance_props(spec)), present.panel_note(spec, spec.guidance), ""]
-    return out
+def family_handler(slots: tuple[str, ...]):
+    def switch(family: str) -> list:
+        """Switching family resets the page to that family's methods, ranges, sizes and examples."""
+        prompts = example_prompts(family)
+        fam = get_family(family)
+        out = [gr.Dropdown(choices=present.size_choices(family), value=present.NATIVE),
+               gr.Dataset(samples=[[p] for p in prompts]), prompts[0], None, None,
+               gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None),
+               gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False),
+               gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods))]
+        for method in slots:
+            spec = panel_spec(family, method)
+            if spec is None:
+                out += [gr.Column(visible=False), gr.skip(), False] + [gr.skip()] * 7
+                continue
+            out += [gr.Column(visible=spec.shown), f"### {spec.label}", spec.shown, None, "", "",
+                    gr.Slider(**steps_props(spec)), gr.Slider(**guidance_props(spec)),
+                    present.panel_note(spec, spec.guidance), ""]
+        return out
+    return switch
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,5 @@ for result in comparison.results:
 for failure in comparison.failures:
     print(f"{failure.label:10} failed: {failure.message}")
 
-args.out.mkdir(parents=True, exist_ok=True)
-comparison.grid().save(args.out / "grid.png")
-print(f"grid saved to {args.out / 'grid.png'}")
+grid, _ = comparison.save(args.out)  # <method>.png, grid.png and results.json, as the CLI writes them
+print(f"saved to {args.out}: grid.png, results.json and one PNG per panel" if grid else f"nothing finished; see {args.out}")

@@ -10,7 +10,6 @@ One function per subcommand; `main(argv)` dispatches on `args.command`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -79,15 +78,10 @@ def compare(args) -> int:
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for result in comparison.results:
-        result.image.save(out / f"{result.method}.png")
-    if comparison.results:
-        comparison.grid().save(out / "grid.png")
-    (out / "results.json").write_text(json.dumps(comparison.to_dict(), indent=2))
+    comparison.save(out)
     for result in comparison.results:
         speedup = comparison.speedup(result.method)
-        extra = f"  {speedup:.1f}x baseline" if speedup and result.method != "baseline" else ""
+        extra = f"  {speedup:.1f}x {comparison.reference}" if speedup and result.method != comparison.reference else ""
         print(f"{result.label:>16}: {result.steps:>3} steps  {result.seconds:7.2f} s{extra}")
         for warning in result.warnings:
             print(f"{'':>18}warning: {warning}")

@@ -477,4 +477,4 @@ class Engine:
         users = [f"{family.name}/{r.method}" for r in results]
         return Comparison(family=family.name, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                           device=self.device, dtype=self.dtype_name, results=results,
-                          cache=self.cache.report(users), failures=failures)
+                          cache=self.cache.report(users), failures=failures, reference=family.reference)

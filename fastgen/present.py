@@ -12,7 +12,6 @@ can be tested without a server. Nothing here imports gradio or holds a model.
 from __future__ import annotations
 
 import html
-import json
 import math
 import queue
 import threading
@@ -26,8 +25,16 @@ from fastgen.registry import get_family
 from fastgen.request import parse_size  # noqa: F401  (the page parses its size control with it)
 from fastgen.results import MethodFailure
 
-# The layout order of the panels: fastest method on the left, the 50-step baseline on the right.
-PANEL_ORDER = ("turbo", "lcm", "lcm-lora", "baseline")
+
+
+def panel_slots() -> tuple[str, ...]:
+    """Every method of every registered family, once, in layout order: the page makes one panel per slot and
+    shows a family's own. Read from the registry when the page is built, so a method added there is a panel."""
+    from fastgen.registry import FAMILIES
+
+    fast = [m for f in FAMILIES.values() for m in f.panel_order if m != f.reference]
+    references = [f.reference for f in FAMILIES.values() if f.reference]
+    return tuple(dict.fromkeys(fast + [r for r in references if r not in fast]))
 
 NATIVE = "native"
 
@@ -75,21 +82,18 @@ def unet_passes(spec, steps: int, guidance: float) -> int:
 
 
 def run_order(family: str, methods: Iterable[str], steps: dict, guidance: dict) -> list[str]:
-    """Fastest first by UNet passes (ties keep the layout order); the baseline always last,
+    """Fastest first by UNet passes (ties keep the layout order); the reference always last,
     because every other panel's speed-up is measured against it."""
     fam = get_family(family)
     chosen = [m for m in panel_methods(family) if m in set(methods)]
-    others = [m for m in chosen if m != "baseline"]
+    others = [m for m in chosen if m != fam.reference]
     others.sort(key=lambda m: unet_passes(fam.method(m), steps[m], guidance[m]))
-    return others + (["baseline"] if "baseline" in chosen else [])
+    return others + ([fam.reference] if fam.reference in chosen else [])
 
 
 def panel_methods(family: str) -> list[str]:
-    """The family's methods in layout order (methods outside PANEL_ORDER go before the baseline)."""
-    names = [m.name for m in get_family(family).methods]
-    known = [m for m in PANEL_ORDER if m in names and m != "baseline"]
-    extra = [m for m in names if m not in PANEL_ORDER]
-    return known + extra + (["baseline"] if "baseline" in names else [])
+    """The family's methods in layout order: the registry's, the reference last."""
+    return list(get_family(family).panel_order)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,8 +268,8 @@ class Board:
             return [result.method] + ([upcoming] if upcoming else [])
         panel.state, panel.result, panel.step, panel.total = "done", result, result.steps, result.steps
         upcoming = self._start_next()
-        # A new baseline time changes every panel's speed-up.
-        if result.method == "baseline":
+        # A new reference time changes every panel's speed-up.
+        if result.method == get_family(self.family).reference:
             return list(self.panels)
         return [result.method] + ([upcoming] if upcoming else [])
 
@@ -289,7 +293,8 @@ class Board:
         return [p.result for p in self.panels.values() if p.result is not None]
 
     def baseline_seconds(self) -> float | None:
-        base = self.panels.get("baseline")
+        """The reference panel's time, which every speed-up divides."""
+        base = self.panels.get(get_family(self.family).reference or "")
         return base.result.seconds if base is not None and base.result is not None else None
 
     # -- text -----------------------------------------------------------------------------------------
@@ -308,10 +313,12 @@ class Board:
 
     def caption(self, method: str) -> str:
         panel = self.panels[method]
-        return caption(panel.result, self.baseline_seconds()) if panel.result is not None else ""
+        if panel.result is None:
+            return ""
+        return caption(panel.result, self.baseline_seconds(), method == get_family(self.family).reference)
 
 
-def caption(result, baseline_seconds: float | None) -> str:
+def caption(result, baseline_seconds: float | None, reference: bool = False) -> str:
     """One panel's caption (Markdown): steps, guidance, CFG, time, speed-up, steps/s, then any warnings."""
     parts = [
         f"**{result.steps}** step{'s' if result.steps != 1 else ''}",
@@ -319,7 +326,7 @@ def caption(result, baseline_seconds: float | None) -> str:
         f"CFG **{'on' if result.cfg else 'off'}**",
         f"**{result.seconds:.2f} s**",
     ]
-    if result.method == "baseline":
+    if reference:
         parts.append("reference")
     elif baseline_seconds and result.seconds > 0:
         parts.append(f"**{baseline_seconds / result.seconds:.1f}×** faster")
@@ -340,7 +347,8 @@ def compare_pair(board: Board) -> tuple[str | None, str | None]:
     done += [m for m, p in board.panels.items() if p.result is not None and m not in done]
     if not done:
         return None, None
-    right = "baseline" if "baseline" in done else done[-1]
+    reference = get_family(board.family).reference
+    right = reference if reference in done else done[-1]
     left = next((m for m in done if m != right), right)
     return left, right
 
@@ -360,18 +368,8 @@ def write_exports(result, directory: Path) -> tuple[Path, Path]:
     """Write the captioned grid (results.json in the PNG's text metadata) and the JSON; return both paths.
 
     Names are unique per run, so two visitors never get each other's files."""
-    from PIL.PngImagePlugin import PngInfo
-
-    data = result.to_dict()
-    directory.mkdir(parents=True, exist_ok=True)
     stem = f"fastgen-{result.family}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    info = PngInfo()
-    info.add_text("fastgen", json.dumps(data))
-    info.add_text("prompt", result.prompt)
-    grid_path, json_path = directory / f"{stem}.png", directory / f"{stem}.json"
-    result.grid().save(grid_path, pnginfo=info)
-    json_path.write_text(json.dumps(data, indent=2))
-    return grid_path, json_path
+    return result.save(directory, stem=stem, images=False)
 
 
 def prune(directory: Path, max_age_seconds: float) -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -59,6 +61,7 @@ class Comparison:
     results: list[MethodResult]
     cache: list[dict]  # ComponentCache.report() rows for the components these methods used
     failures: list[MethodFailure] = field(default_factory=list)  # panels that failed; `results` holds the rest
+    reference: str | None = "baseline"  # the family's reference method: speed-ups are measured against it
 
     def result(self, method: str) -> MethodResult:
         for result in self.results:
@@ -67,10 +70,10 @@ class Comparison:
         raise ValueError(f"`method` must be one of {[r.method for r in self.results]}, got {method!r}")
 
     def speedup(self, method: str) -> float | None:
-        """How many times faster than the baseline `method` generated (None without a baseline run)."""
-        if not any(r.method == "baseline" for r in self.results):
+        """How many times faster than the reference `method` generated (None without a reference run)."""
+        if not any(r.method == self.reference for r in self.results):
             return None
-        return self.result("baseline").seconds / max(self.result(method).seconds, 1e-9)
+        return self.result(self.reference).seconds / max(self.result(method).seconds, 1e-9)
 
     def to_dict(self) -> dict:
         """The results.json shape: family, prompt, seed, device, dtype, results, cache.components."""
@@ -83,7 +86,31 @@ class Comparison:
             "family": self.family, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "seed": self.seed, "device": self.device, "dtype": self.dtype, "results": results,
             "cache": {"components": self.cache}, "failures": [f.to_dict() for f in self.failures],
+            "reference": self.reference,
         }
+
+    def save(self, directory, stem: str | None = None, images: bool = True) -> tuple[Path, Path]:
+        """The one way a comparison is written: `<method>.png` per panel (when `images`), the captioned grid
+        (`grid.png`, with results.json in its `fastgen` text chunk) and `results.json`; with `stem`, the grid
+        and JSON are `<stem>.png` / `<stem>.json` (the page's per-run downloads). Returns (grid, json) paths;
+        the grid path is None when no panel finished."""
+        from PIL.PngImagePlugin import PngInfo
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if images:
+            for result in self.results:
+                result.image.save(directory / f"{result.method}.png")
+        grid_path = directory / f"{stem or 'grid'}.png"
+        if self.results:
+            info = PngInfo()
+            info.add_text("fastgen", json.dumps(data))
+            info.add_text("prompt", self.prompt)
+            self.grid().save(grid_path, pnginfo=info)
+        json_path = directory / f"{stem or 'results'}.json"
+        json_path.write_text(json.dumps(data, indent=2))
+        return (grid_path if self.results else None), json_path
 
     def grid(self) -> Image.Image:
         """The panels side by side, each captioned with its label, steps, guidance and time."""
@@ -91,7 +118,7 @@ class Comparison:
         line = 14
         captions = [
             [r.label, f"{r.steps} step{'s' * (r.steps != 1)}, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
-             (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != "baseline" else "")]
+             (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != self.reference else "")]
             for r in self.results
         ]
         widths = [max(r.image.width, 8 + max(int(font.getlength(t)) for t in c)) for r, c in zip(self.results, captions)]

@@ -20,7 +20,6 @@ import app
 from fastgen import present
 from fastgen.engine import RunStopped
 from fastgen.results import Comparison
-from fastgen.present import PANEL_ORDER
 from fastgen.registry import get_family
 
 COLORS = {"turbo": (220, 60, 60), "lcm": (60, 160, 80), "lcm-lora": (60, 90, 220), "baseline": (200, 170, 40)}
@@ -85,17 +84,26 @@ class FakeEngine:
         return Comparison(family, prompt, negative_prompt, seed, "cpu", "float32", results, [])
 
 
+SLOTS = present.panel_slots()  # one panel per registered method, in the page's order
+PANEL_ORDER = get_family("mini").panel_order  # the mini family's panels, which these tests run
+
+
 def defaults(family="mini", off=()):
-    """The flat (toggle, steps, guidance) * PANEL_ORDER panel inputs at each method's defaults."""
+    """The flat (toggle, steps, guidance) per panel slot, at each method's defaults; slots the family lacks are
+    hidden and off."""
     values = []
-    for m in PANEL_ORDER:
-        spec = get_family(family).method(m)
-        values += [m not in off, spec.steps, spec.guidance]
+    fam = get_family(family)
+    for m in SLOTS:
+        if m not in fam.method_names:
+            values += [False, 1, 0.0]
+            continue
+        spec = fam.method(m)
+        values += [m not in off and spec.shown, spec.steps, spec.guidance]
     return values
 
 
 def named(update: list) -> dict:
-    return dict(zip(app.OUTPUT_NAMES, update))
+    return dict(zip([f"{m}.{o}" for m in SLOTS for o in app.PANEL_OUTPUTS] + list(app.RUN_OUTPUTS), update))
 
 
 def download(button) -> str:
@@ -248,7 +256,7 @@ def test_generate_validator_marks_the_field_before_anything_is_queued(runs, chan
     inputs = dict(family="mini", prompt="a red circle", negative="", seed=7, size="native")
     values = defaults(off=change.pop("off", ()))
     if "steps" in change:
-        values[PANEL_ORDER.index("lcm") * 3 + 1] = change.pop("steps")
+        values[SLOTS.index("lcm") * 3 + 1] = change.pop("steps")
     inputs.update(change)
     with caplog.at_level(logging.INFO, logger="fastgen.app"):
         checks = runs.validate_page(inputs["family"], inputs["prompt"], inputs["negative"], inputs["seed"],
@@ -336,16 +344,33 @@ def test_panels_say_when_the_negative_prompt_is_ignored():
 
 
 def test_family_switch_sets_ranges_and_licence():
-    out = app.family_handler("sdxl")
+    out = app.family_handler(SLOTS)("sdxl")
     assert out[0].value == present.NATIVE and ("1024×1024 for all", "1024x1024") in out[0].choices
-    per_panel = 10
-    turbo = out[9: 9 + per_panel]
-    steps, guidance, note = turbo[6], turbo[7], turbo[8]
+    methods = out[9]
+    assert [name for _, name in methods.choices] == list(get_family("sdxl").panel_order)
+    assert methods.value == ["turbo", "lcm", "lcm-lora", "baseline"]  # the others are a click away
+    per_panel, first = 10, 10
+    panel = {m: out[first + i * per_panel: first + (i + 1) * per_panel] for i, m in enumerate(SLOTS)}
+    steps, guidance, note = panel["turbo"][6], panel["turbo"][7], panel["turbo"][8]
     assert (steps.minimum, steps.maximum, steps.value) == (1, 4, 1)
     assert guidance.interactive is False and "Fixed at 0" in guidance.info
     assert "non-commercial" in note
-    lcm = out[9 + per_panel: 9 + 2 * per_panel]
-    assert (lcm[6].maximum, lcm[7].value) == (8, 8.0)
+    assert (panel["lcm"][6].maximum, panel["lcm"][7].value) == (8, 8.0)
+    lightning = panel["lightning"]
+    assert lightning[0].visible is False and lightning[2] is False  # hidden and off until added
+    assert "1, 2, 4, 8: one model file each" in lightning[6].info
+    assert "openrail++" in lightning[8]
+    mini = app.family_handler(SLOTS)("mini")
+    assert mini[first + SLOTS.index("dmd2") * per_panel].visible is False
+
+
+def test_adding_and_removing_a_method_shows_and_switches_its_panel():
+    out = app.shown_handler(SLOTS)("sdxl", ["turbo", "lightning", "baseline"])
+    state = {m: (out[2 * i].visible, out[2 * i + 1]) for i, m in enumerate(SLOTS)}
+    assert state["lightning"] == (True, True) and state["turbo"] == (True, True)
+    assert state["lcm"] == (False, False) and state["dmd2"] == (False, False)
+    out = app.shown_handler(SLOTS)("mini", ["turbo", "lightning"])  # not a mini method: stays hidden
+    assert out[2 * SLOTS.index("lightning")].visible is False
 
 
 def test_sizes():
@@ -359,7 +384,7 @@ def test_model_work_shares_one_gpu_slot():
     """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
     gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]
     fills_on_open = app.pick_family()[0] in app.FILL_ON_OPEN  # then generate also runs as the page loads
-    assert len(gpu) == 2 + len(PANEL_ORDER) + fills_on_open  # generate, compare, one rerun per panel
+    assert len(gpu) == 2 + len(SLOTS) + fills_on_open  # generate, compare, one rerun per panel slot
     assert all(f.concurrency_limit == 1 for f in gpu)
     compare = next(f for f in gpu if f.api_name == "compare")
     assert compare.api_visibility == "public"

@@ -124,3 +124,63 @@ def test_slider_reruns_one_panel_and_stop_keeps_the_rest(page):
     playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     assert panel(page, "Turbo").locator(".fg-image img").get_attribute("src") == turbo_image
     playwright.expect(panel(page, "Turbo").locator(".block.fg-caption")).to_contain_text("1 step")
+
+
+# --- N panels: the page built from the registry, on the fake Hub's sdxl family (seven methods) ----------------
+
+@pytest.fixture(scope="module")
+def sdxl_url(fake_hub):
+    demo = app.create_demo(Engine(), family="sdxl")
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def shots(name: str, tmp_path: Path) -> Path:
+    """Where a layout screenshot goes: FASTGEN_SCREENSHOT_DIR (e.g. docs/) when set, else the test's tmp."""
+    return Path(os.environ.get("FASTGEN_SCREENSHOT_DIR") or tmp_path) / name
+
+
+def rows(page) -> list[list[dict]]:
+    """The visible panels' boxes grouped into rows by their top edge."""
+    boxes = [b for b in (p.bounding_box() for p in page.locator(".fg-panel").all()) if b and b["width"] > 0]
+    grouped: dict[int, list[dict]] = {}
+    for box in boxes:
+        grouped.setdefault(round(box["y"] / 10), []).append(box)
+    return [grouped[k] for k in sorted(grouped)]
+
+
+def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, tmp_path):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(sdxl_url)
+        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(4, timeout=30_000)  # opens with the known four
+        for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
+            page.get_by_label(label, exact=True).check()
+        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(7, timeout=30_000)
+        page.get_by_label("Size").click()
+        page.get_by_role("option", name="512×512 for all").click()
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        page.get_by_role("button", name="Generate").click()
+        playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
+                                                                                              timeout=240_000)
+        page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 7", timeout=60_000)
+        for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
+            playwright.expect(panel(page, label).locator(".block.fg-caption")).to_contain_text("faster")
+        wide = rows(page)
+        assert len(wide) >= 2 and sum(map(len, wide)) == 7 and max(map(len, wide)) >= 4, wide
+        assert all(box["width"] >= 230 for row in wide for box in row)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots("screenshot-methods.png", tmp_path)), full_page=True)
+
+        page.set_viewport_size({"width": 600, "height": 1000})  # a phone-sized screen: the grid wraps further
+        page.wait_for_timeout(500)
+        narrow = rows(page)
+        assert max(map(len, narrow)) <= 2 and sum(map(len, narrow)) == 7, narrow
+        assert all(box["x"] + box["width"] <= 600 for row in narrow for box in row)  # nothing off-screen
+        page.screenshot(path=str(shots("screenshot-narrow.png", tmp_path)), full_page=True)
+
+        page.get_by_label("DMD2", exact=True).uncheck()
+        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(6, timeout=30_000)
+        browser.close()

@@ -242,3 +242,39 @@ def test_public_hosting_settings(served):
     assert demo.delete_cache == (app.EXPORT_MAX_AGE, app.EXPORT_MAX_AGE)
     assert demo.analytics_enabled is False
     assert demo._queue.max_size == app.QUEUE_SIZE
+
+
+def test_a_method_added_at_run_time_is_a_panel_an_api_choice_a_cli_choice_and_a_cache_user(fake_mini, tmp_path):
+    """Adding a method is adding a registry row: a copy of the LCM recipe under a new name, registered at run
+    time, reaches the page, the API, the CLI and the cache report with no other change."""
+    import json
+    from dataclasses import replace
+
+    import numpy as np
+
+    from fastgen.__main__ import main
+
+    copy = replace(fake_mini.method("lcm"), name="lcm-copy", label="LCM (copy)")
+    extended = registry.Family(name="mini", label=fake_mini.label, description=fake_mini.description,
+                               methods=(*fake_mini.methods[:-1], copy, fake_mini.methods[-1]))
+    mp = pytest.MonkeyPatch()
+    mp.setitem(registry.FAMILIES, "mini", extended)
+    demo = app.create_demo(Engine(), family="mini")
+    try:
+        assert "lcm-copy" in app.Runs(Engine()).slots
+        config = json.dumps(demo.get_config_file(), default=str)
+        assert config.count("LCM (copy)") >= 2  # its panel's title and its entry in the Methods control
+        _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        images, results = Client(url, verbose=False).predict(prompt="a red circle", methods=["lcm", "lcm-copy"],
+                                                             api_name="/compare")
+        assert [r["method"] for r in results["results"]] == ["lcm", "lcm-copy"]
+        pixels = [np.asarray(Image.open(i["image"]).convert("RGB")) for i in images]
+        assert np.array_equal(pixels[0], pixels[1])  # the same recipe, the same image
+        unet = next(r for r in results["cache"]["components"] if r["kind"] == "unet")
+        assert {"lcm", "lcm-copy"} <= set(unet["used_by"])  # one UNet, two users
+        assert main(["compare", "a red circle", "--family", "mini", "--methods", "lcm-copy",
+                     "--out", str(tmp_path)]) == 0
+        assert json.loads((tmp_path / "results.json").read_text())["results"][0]["method"] == "lcm-copy"
+    finally:
+        demo.close()
+        mp.undo()

@@ -99,3 +99,28 @@ def test_evaluate_is_registered():
         "mini", "lcm", 2, 3.0, 12, 1)
     with pytest.raises(SystemExit):  # --prompts counts prompts per split
         parser().parse_args(["evaluate", "--prompts", "p.txt"])
+
+
+def test_the_new_rows_side_by_side_share_the_base_unet_and_encoders(fake_hub, tmp_path):
+    """Turbo vs SDXL-Lightning vs Hyper-SDXL vs DMD2 vs the baseline: five panels, each its model card's image;
+    the base UNet serves the baseline and Hyper-SD's adapter, and the text encoders and VAE load once."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastgen", "compare", "a red circle", "--family", "sdxl",
+               "--methods", "turbo,lightning,hyper-sd,dmd2,lcm-lora,baseline", "--size", "64x64",
+               "--steps", "baseline=3", "--seed", "7", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["turbo", "lightning", "hyper-sd", "dmd2", "lcm-lora",
+                                                      "baseline"]
+    from tests.test_engine import card_image
+
+    for method in ("lightning", "hyper-sd", "dmd2"):
+        assert_same_image(Image.open(out / f"{method}.png"), card_image(method, 4))
+    rows = data["cache"]["components"]
+    unets = [r for r in rows if r["kind"] == "unet"]
+    base = next(r for r in unets if "baseline" in r["used_by"])
+    assert {"baseline", "lcm-lora", "hyper-sd"} <= set(base["used_by"])
+    assert len(unets) == 4  # base, turbo, lightning's 4-step, dmd2's 4-step
+    for kind in ("text_encoder", "text_encoder_2", "vae"):
+        assert len([r for r in rows if r["kind"] == kind]) == 1

@@ -266,6 +266,31 @@ def test_lora_never_leaks_into_the_baseline(fake_hub, order):
         assert_same_image(same[0], same[-1], tolerance=0)
 
 
+@pytest.mark.parametrize("order", [("hyper-sd", "lcm-lora", "baseline", "hyper-sd"),
+                                   ("lcm-lora", "hyper-sd", "lcm-lora", "baseline"),
+                                   ("baseline", "hyper-sd", "stop:lcm-lora", "baseline", "lcm-lora")])
+def test_two_adapters_on_one_unet_never_mix(fake_hub, engine, order):
+    """LCM-LoRA and Hyper-SD's LoRA sit on the same base UNet: each run sees only its own adapter, the reference
+    sees neither, in any order, a stopped run included. Each image equals that method run in a fresh engine."""
+    fresh = Engine(device="cpu")
+    steps = {"baseline": 3, "lcm-lora": 4, "hyper-sd": 4}
+    alone = {m: Engine(device="cpu").run("sdxl", m, PROMPT, steps=steps[m], **SIZE).image for m in steps}
+    for step in order:
+        if step.startswith("stop:"):
+            stop = threading.Event()
+            method = step.removeprefix("stop:")
+            with pytest.raises(RunStopped):
+                fresh.run("sdxl", method, PROMPT, steps=steps[method], stop=stop,
+                          on_step=lambda *a: stop.set(), **SIZE)
+            continue
+        image = fresh.run("sdxl", step, PROMPT, steps=steps[step], **SIZE).image
+        assert_same_image(image, alone[step], tolerance=0)
+    loras = [r for r in fresh.cache.report() if r["kind"] == "lora"]
+    assert len(loras) == 2  # two adapters, one UNet
+    units = [r for r in fresh.cache.report() if r["kind"] == "unet"]
+    assert len(units) == 1 and {"sdxl/baseline", "sdxl/lcm-lora", "sdxl/hyper-sd"} <= set(units[0]["used_by"])
+
+
 def test_lora_is_really_applied(engine):
     with_lora = engine.run("sdxl", "lcm-lora", PROMPT, **SIZE).image
     pipe = recipe_pipeline("sdxl", "lcm-lora")

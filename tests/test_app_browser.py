@@ -51,13 +51,19 @@ def url(fake_mini):
 
 
 @pytest.fixture(scope="module")
-def page(url):
-    with playwright.sync_playwright() as p:
+def browser():
+    with playwright.sync_playwright() as p:  # one Playwright per thread: every page of this module comes from it
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    yield page
+    page.close()
 
 
 def panel(page, label: str):
@@ -150,37 +156,35 @@ def rows(page) -> list[list[dict]]:
     return [grouped[k] for k in sorted(grouped)]
 
 
-def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, tmp_path):
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(sdxl_url)
-        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(4, timeout=30_000)  # opens with the known four
-        for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
-            page.get_by_label(label, exact=True).check()
-        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(7, timeout=30_000)
-        page.get_by_label("Size").click()
-        page.get_by_role("option", name="512×512 for all").click()
-        page.get_by_label("Prompt", exact=True).fill("a red circle")
-        page.get_by_role("button", name="Generate").click()
-        playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
-                                                                                              timeout=240_000)
-        page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 7", timeout=60_000)
-        for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
-            playwright.expect(panel(page, label).locator(".block.fg-caption")).to_contain_text("faster")
-        wide = rows(page)
-        assert len(wide) >= 2 and sum(map(len, wide)) == 7 and max(map(len, wide)) >= 4, wide
-        assert all(box["width"] >= 230 for row in wide for box in row)
-        page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(shots("screenshot-methods.png", tmp_path)), full_page=True)
+def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(sdxl_url)
+    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(4, timeout=30_000)  # opens with the known four
+    for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
+        page.get_by_label(label, exact=True).check()
+    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(7, timeout=30_000)
+    page.get_by_label("Size").click()
+    page.get_by_role("option", name="512×512 for all").click()
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_role("button", name="Generate").click()
+    playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
+                                                                                          timeout=240_000)
+    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 7", timeout=60_000)
+    for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
+        playwright.expect(panel(page, label).locator(".block.fg-caption")).to_contain_text("faster")
+    wide = rows(page)
+    assert len(wide) >= 2 and sum(map(len, wide)) == 7 and max(map(len, wide)) >= 4, wide
+    assert all(box["width"] >= 230 for row in wide for box in row)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shots("screenshot-methods.png", tmp_path)), full_page=True)
 
-        page.set_viewport_size({"width": 600, "height": 1000})  # a phone-sized screen: the grid wraps further
-        page.wait_for_timeout(500)
-        narrow = rows(page)
-        assert max(map(len, narrow)) <= 2 and sum(map(len, narrow)) == 7, narrow
-        assert all(box["x"] + box["width"] <= 600 for row in narrow for box in row)  # nothing off-screen
-        page.screenshot(path=str(shots("screenshot-narrow.png", tmp_path)), full_page=True)
+    page.set_viewport_size({"width": 600, "height": 1000})  # a phone-sized screen: the grid wraps further
+    page.wait_for_timeout(500)
+    narrow = rows(page)
+    assert max(map(len, narrow)) <= 2 and sum(map(len, narrow)) == 7, narrow
+    assert all(box["x"] + box["width"] <= 600 for row in narrow for box in row)  # nothing off-screen
+    page.screenshot(path=str(shots("screenshot-narrow.png", tmp_path)), full_page=True)
 
-        page.get_by_label("DMD2", exact=True).uncheck()
-        playwright.expect(page.locator(".fg-panel:visible")).to_have_count(6, timeout=30_000)
-        browser.close()
+    page.get_by_label("DMD2", exact=True).uncheck()
+    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(6, timeout=30_000)
+    page.close()

@@ -89,13 +89,14 @@ def example_prompts(family: str) -> list[str]:
 
 
 class Runs:
-    """The event functions that touch the engine. Each yields the full output list (gr.skip() where a
-    component does not change); `output_names` says its order."""
+    """The event functions that touch the engine. Each yields {component: update} for what changed; the
+    components are the page's, named as in `output_names` (bound with `bind`)."""
 
     def __init__(self, engine: Engine, export_dir: Path | None = None, slots: tuple[str, ...] | None = None):
         self.engine = engine
         self.slots = tuple(slots or present.panel_slots())  # one panel per registered method
         self.output_names = [f"{m}.{o}" for m in self.slots for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
+        self.components: dict[str, gr.components.Component] = {}  # set by `bind` when the page is built
         if export_dir is None:  # removed with this object (at the latest when the server exits)
             self._exports = tempfile.TemporaryDirectory(prefix="fastgen-exports-")
             export_dir = Path(self._exports.name)
@@ -111,8 +112,11 @@ class Runs:
             req = self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
         except RequestError as error:
             raise refused(error) from None
-        board = Board.start(req.family.name, req.methods, req.steps, req.guidance, prompt=req.prompt,
-                            negative_prompt=req.negative_prompt, seed=req.seed, width=req.width, height=req.height)
+        settings = present.RunSettings(req.prompt, req.negative_prompt, req.seed, req.width, req.height)
+        old = board
+        board = Board.start(req.family.name, req.methods, req.steps, req.guidance, settings=settings)
+        if isinstance(old, Board) and old.family == board.family:
+            board.picks = old.picks  # the compare slider keeps the pair the user chose
         yield self.view(board, list(board.panels), running=True)
 
         def job(on_step, stop):
@@ -125,7 +129,7 @@ class Runs:
               guidance: float) -> Iterator[list]:
         """Rerun one panel with its new slider values and the last run's prompt, seed and size."""
         if not isinstance(board, Board) or not enabled or board.panels.get(method) is None:
-            yield [gr.skip()] * len(self.output_names)
+            yield {}  # nothing changes
             return
         spec = get_family(board.family).method(method)
         try:
@@ -137,9 +141,9 @@ class Runs:
         yield self.view(board, [method], running=True)
 
         def job(on_step, stop):
-            return [self.engine.run(board.family, method, s["prompt"], negative_prompt=s["negative_prompt"],
-                                    seed=s["seed"], width=s["width"], height=s["height"], steps=steps,
-                                    guidance=guidance, on_step=on_step, stop=stop)]
+            return [self.engine.run(board.family, method, s.prompt, negative_prompt=s.negative_prompt, seed=s.seed,
+                                    width=s.width, height=s.height, steps=steps, guidance=guidance,
+                                    on_step=on_step, stop=stop)]
 
         yield from self.follow(board, job, request)
 
@@ -162,7 +166,7 @@ class Runs:
             yield self.view(board, board.fail("failed", str(exc)), running=False, export=True)
             raise failed(str(exc)) from None
         except Exception:
-            log.exception("run failed: family=%s prompt=%s", board.family, shown(board.settings.get("prompt")))
+            log.exception("run failed: family=%s prompt=%s", board.family, shown(board.settings.prompt))
             yield self.view(board, board.fail("failed", "Failed"), running=False, export=True)
             raise failed("Something went wrong on the server; the error has been logged.") from None
         finally:
@@ -172,8 +176,8 @@ class Runs:
     def comparison(self, board: Board):
         """The board's finished panels as the engine's Comparison: the CLI's results.json and grid."""
         s = board.settings
-        return self.engine.comparison(board.family, s["prompt"], board.results(),
-                                      negative_prompt=s["negative_prompt"], seed=s["seed"])
+        return self.engine.comparison(board.family, s.prompt, board.results(), negative_prompt=s.negative_prompt,
+                                      seed=s.seed)
 
     def page_request(self, family, prompt, negative_prompt, seed, size, panel_values) -> CompareRequest:
         """The page's inputs as a CompareRequest, checked by the same schema as the API's. Raises RequestError."""
@@ -210,40 +214,45 @@ class Runs:
             checks[4] = gr.validate(False, str(error))
         return checks
 
-    def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> list:
-        """The output list for `board`: changed panels get new values, the others gr.skip()."""
-        out = []
-        for method in self.slots:
+    def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> dict:
+        """The updates for `board`, by output (see `bind`): changed panels get new values; an output that is not
+        in the dict stays as it is."""
+        out = {"board": board, "generate": gr.Button(interactive=not running), "stop": gr.Button(interactive=running)}
+        for method in changed:
             panel = board.panels.get(method)
-            if panel is None or method not in changed:
-                out += [gr.skip()] * len(PANEL_OUTPUTS)
+            if panel is None or method not in self.slots:
                 continue
             result = panel.result
-            out += [
-                result.image if result is not None else None,
-                board.status_html(method),
-                board.caption(method),
-                result.code if result is not None else "",
-            ]
+            out[f"{method}.image"] = result.image if result is not None else None
+            out[f"{method}.status"] = board.status_html(method)
+            out[f"{method}.caption"] = board.caption(method)
+            out[f"{method}.code"] = result.code if result is not None else ""
         done = [p.method for p in board.panels.values() if p.result is not None]
         if any(board.panels[m].state == "done" for m in changed) or not running:
             left, right = present.compare_pair(board)
-            choices = [(get_family(board.family).method(m).label, m) for m in done]
-            out += [board, gr.Dropdown(choices=choices, value=left), gr.Dropdown(choices=choices, value=right),
-                    present.compare_images(board, left, right)]
-        else:
-            out += [board, gr.skip(), gr.skip(), gr.skip()]
+            offered = list(dict.fromkeys([*done, *(m for m in (left, right) if m)]))
+            choices = [(get_family(board.family).method(m).label, m) for m in offered]
+            out.update(left=gr.Dropdown(choices=choices, value=left), right=gr.Dropdown(choices=choices, value=right),
+                       slider=present.compare_images(board, left, right))
         if export and done:
             present.prune(self.export_dir, EXPORT_MAX_AGE)
             grid_path, json_path = present.write_exports(self.comparison(board), self.export_dir)
-            out += [gr.DownloadButton(value=str(grid_path), visible=True),
-                    gr.DownloadButton(value=str(json_path), visible=True)]
+            out.update(grid_file=gr.DownloadButton(value=str(grid_path), visible=True),
+                       json_file=gr.DownloadButton(value=str(json_path), visible=True))
         elif running and len(changed) == len(board.panels):  # a fresh run: the old downloads are stale
-            out += [gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False)]
-        else:
-            out += [gr.skip(), gr.skip()]
-        out += [gr.Button(interactive=not running), gr.Button(interactive=running)]
-        return out
+            out.update(grid_file=gr.DownloadButton(value=None, visible=False),
+                       json_file=gr.DownloadButton(value=None, visible=False))
+        return self.by_component(out)
+
+    def bind(self, components: dict[str, gr.components.Component]) -> None:
+        """The page's components by output name: updates go to them as Gradio's {component: value} dicts."""
+        self.components = components
+
+    def by_component(self, updates: dict[str, object]) -> dict:
+        """{name: value} -> {component: value} once the page is bound (handler tests read the names)."""
+        if not self.components:
+            return updates
+        return {self.components[name]: value for name, value in updates.items()}
 
 
 def compare_api(engine: Engine, default: str):
@@ -369,8 +378,11 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
 
         # -- wiring -----------------------------------------------------------------------------------
         slots = runs.slots
-        outputs = [getattr(panels[m], o) for m in slots for o in PANEL_OUTPUTS]
-        outputs += [board, left, right, slider, grid_file, json_file, generate, stop]
+        named = {f"{m}.{o}": getattr(panels[m], o) for m in slots for o in PANEL_OUTPUTS}
+        named.update(board=board, left=left, right=right, slider=slider, grid_file=grid_file, json_file=json_file,
+                     generate=generate, stop=stop)
+        runs.bind(named)
+        outputs = list(named.values())
         panel_inputs = [c for m in slots for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
         run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=1, show_progress="minimal",
                         show_progress_on=run_status, api_visibility="private")
@@ -390,14 +402,14 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                   inputs=[board, panel.toggle, panel.steps, panel.guidance], trigger_mode="always_last", **run_args)
             panel.guidance.change(panel_note_handler(method), inputs=[family_box, panel.guidance],
                                   outputs=panel.note, queue=False, api_visibility="private")
-        gr.on([left.input, right.input], present.compare_images, inputs=[board, left, right], outputs=slider,
+        gr.on([left.input, right.input], present.pick, inputs=[board, left, right], outputs=slider,
               queue=False, api_visibility="private")
-        family_box.change(family_handler(slots), inputs=family_box,
-                          outputs=[size, examples, prompt, board, slider, left, right, grid_file, json_file, shown,
-                                   *[c for m in slots for c in panels[m].family_outputs()]],
+        ui = {**named, "size": size, "examples": examples, "prompt": prompt, "shown": shown}
+        ui.update({f"{m}.{name}": c for m in slots for name, c in panels[m].parts().items()})
+        family_box.change(family_handler(slots, ui), inputs=family_box, outputs=list(dict.fromkeys(ui.values())),
                           api_visibility="private")
-        shown.input(shown_handler(slots), inputs=[family_box, shown],
-                    outputs=[c for m in slots for c in (panels[m].column, panels[m].toggle)], queue=False,
+        panel_switches = [c for m in slots for c in (panels[m].column, panels[m].toggle)]
+        shown.input(shown_handler(slots, ui), inputs=[family_box, shown], outputs=panel_switches, queue=False,
                     api_visibility="private")
         api_compare, api_validate = compare_api(engine, family)
         api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
@@ -443,9 +455,10 @@ class PanelView:
             with gr.Accordion("Code", open=False):
                 self.code = gr.Code(language="python", show_label=False, interactive=False)
 
-    def family_outputs(self) -> list:
-        return [self.column, self.title, self.toggle, self.image, self.status, self.caption, self.steps,
-                self.guidance, self.note, self.code]
+    def parts(self) -> dict:
+        """The panel's components by name: what the family switch updates."""
+        return dict(column=self.column, title=self.title, toggle=self.toggle, image=self.image, status=self.status,
+                    caption=self.caption, steps=self.steps, guidance=self.guidance, note=self.note, code=self.code)
 
 
 def panel_spec(family: str, method: str):
@@ -464,15 +477,15 @@ def method_choices(family: str) -> list[tuple[str, str]]:
     return [(f"{fam.method(m).label}{' (reference)' if m == fam.reference else ''}", m) for m in fam.panel_order]
 
 
-def shown_handler(slots: tuple[str, ...]):
-    def show(family: str, chosen: list[str]) -> list:
+def shown_handler(slots: tuple[str, ...], ui: dict | None = None):
+    def show(family: str, chosen: list[str]) -> dict:
         """Adding a method shows its panel, switched on; removing one hides it and switches it off."""
         names = set(present.panel_methods(family))
-        out = []
+        out = {}
         for method in slots:
             on = method in names and method in (chosen or [])
-            out += [gr.Column(visible=on), on]
-        return out
+            out.update({f"{method}.column": gr.Column(visible=on), f"{method}.toggle": on})
+        return {ui[name]: value for name, value in out.items()} if ui else out
     return show
 
 
@@ -495,25 +508,29 @@ def rerun_handler(runs: Runs, method: str):
     return rerun
 
 
-def family_handler(slots: tuple[str, ...]):
-    def switch(family: str) -> list:
+def family_handler(slots: tuple[str, ...], ui: dict | None = None):
+    """The family switch: updates by output name, or by component when `ui` (name -> component) is given."""
+
+    def switch(family: str) -> dict:
         """Switching family resets the page to that family's methods, ranges, sizes and examples."""
         prompts = example_prompts(family)
         fam = get_family(family)
-        out = [gr.Dropdown(choices=present.size_choices(family), value=present.NATIVE),
-               gr.Dataset(samples=[[p] for p in prompts]), prompts[0], None, None,
-               gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None),
-               gr.DownloadButton(value=None, visible=False), gr.DownloadButton(value=None, visible=False),
-               gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods))]
+        out = dict(size=gr.Dropdown(choices=present.size_choices(family), value=present.NATIVE),
+                   examples=gr.Dataset(samples=[[p] for p in prompts]), prompt=prompts[0], board=None, slider=None,
+                   left=gr.Dropdown(choices=[], value=None), right=gr.Dropdown(choices=[], value=None),
+                   grid_file=gr.DownloadButton(value=None, visible=False),
+                   json_file=gr.DownloadButton(value=None, visible=False),
+                   shown=gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods)))
         for method in slots:
             spec = panel_spec(family, method)
-            if spec is None:
-                out += [gr.Column(visible=False), gr.skip(), False] + [gr.skip()] * 7
+            if spec is None:  # not this family's: hidden and off
+                out.update({f"{method}.column": gr.Column(visible=False), f"{method}.toggle": False})
                 continue
-            out += [gr.Column(visible=spec.shown), f"### {spec.label}", spec.shown, None, "", "",
-                    gr.Slider(**steps_props(spec)), gr.Slider(**guidance_props(spec)),
-                    present.panel_note(spec, spec.guidance), ""]
-        return out
+            out.update({f"{method}.{name}": value for name, value in dict(
+                column=gr.Column(visible=spec.shown), title=f"### {spec.label}", toggle=spec.shown, image=None,
+                status="", caption="", steps=gr.Slider(**steps_props(spec)), guidance=gr.Slider(**guidance_props(spec)),
+                note=present.panel_note(spec, spec.guidance), code="").items()})
+        return {ui[name]: value for name, value in out.items()} if ui else out
     return switch
 
 

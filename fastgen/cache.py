@@ -3,8 +3,7 @@
 A component (UNet, VAE, text encoder, tokenizer, safety checker, LoRA) is keyed by the sha256 of the files it
 loads from (LFS blobs in the Hub cache are named by it; local files are hashed once) plus the dtype, so
 byte-identical text encoders in two repos load once. Each component has a lock that a run holds while it uses
-it. A LoRA is a named peft adapter on its UNet, disabled except inside `lora_active`, which needs the UNet's
-lock: other methods sharing that UNet never see it. Past the memory budget, the least recently used
+it. A LoRA's record lives here too (its bytes count), but when it acts is fastgen.adapters' business. Past the memory budget, the least recently used
 components that no run holds are evicted; they reload on the next use.
 """
 
@@ -113,31 +112,26 @@ class ComponentCache:
             item.last_used = next(self._clock)
             return item.module
 
-    def attach_lora(self, unet_key: str, lora_key: str, source: str, load: Callable[[str], None], user: str,
-                    pinned: Iterable[str] = (), scale: float = 1.0) -> str:
-        """Load a LoRA as a named adapter on the cached UNet `unet_key` (once) and leave it disabled.
-        `load(adapter_name)` does the loading; returns the adapter name."""
-        key = f"{lora_key}@{unet_key[:16]}"
+    def entry(self, key: str) -> Component | None:
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                unet = self._items[unet_key]
-                adapter = f"lora_{lora_key[:12]}"
-                before = module_bytes(unet.module)
-                logger.info("loading LoRA %s onto %s", source, unet.source)
-                try:
-                    load(adapter)
-                except BaseException:  # a half-loaded adapter may sit in the UNet: drop the UNet, it reloads clean
-                    self.evict(unet_key)
-                    raise
-                self._set_lora(unet.module, adapter, enabled=False)
-                self.loads += 1
-                item = self._items[key] = Component(key, "lora", source, None, module_bytes(unet.module) - before,
-                                                    parent=unet_key, adapter=adapter, scale=scale)
-                self._make_room(0, set(pinned) | {key, unet_key})
+            return self._items.get(key)
+
+    def store(self, item: Component, pinned: Iterable[str] = ()) -> None:
+        """Keep a component made elsewhere (an adapter's record: fastgen.adapters) under the same budget."""
+        with self._lock:
+            self.loads += 1
+            self._items[item.key] = item
+            self._make_room(0, set(pinned) | {item.key})
+
+    def touch(self, item: Component, user: str) -> None:
+        with self._lock:
             item.used_by.add(user)
             item.last_used = next(self._clock)
-            return key
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The cache's own lock, for callers that read and then store (one load per key)."""
+        return self._lock
 
     # --- runs -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -156,28 +150,6 @@ class ComponentCache:
             for item in reversed(acquired):
                 item.holder = None
                 item.lock.release()
-
-    @contextlib.contextmanager
-    def lora_active(self, lora_key: str):
-        """Enable a LoRA for the duration of a run that holds its UNet's lock; disabled again on exit, even when
-        the run fails or is stopped."""
-        item = self._items[lora_key]
-        unet = self._items[item.parent]
-        if unet.holder != threading.get_ident():
-            raise RuntimeError(f"a LoRA may only be enabled by the run holding its UNet ({unet.source})")
-        self._set_lora(unet.module, item.adapter, enabled=True, scale=item.scale)
-        try:
-            yield
-        finally:
-            self._set_lora(unet.module, item.adapter, enabled=False)
-
-    @staticmethod
-    def _set_lora(unet, adapter: str, enabled: bool, scale: float = 1.0) -> None:
-        if enabled:  # this adapter alone: another one on the same UNet (LCM-LoRA, Hyper-SD) stays inactive
-            unet.set_adapters([adapter], weights=[scale])
-            unet.enable_lora()
-        else:
-            unet.disable_lora()
 
     # --- memory ---------------------------------------------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fastgen import fetch, hub
+from fastgen.adapters import Adapters
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
 from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
@@ -137,6 +138,7 @@ class Engine:
         self.dtype = pick_dtype(self.device, dtype)
         budget = default_budget(self.device) if memory_budget is None else memory_budget
         self.cache = ComponentCache(budget=budget, device=self.device)
+        self.adapters = Adapters(self.cache)  # LoRAs on the cache's shared UNets
         self._schedulers: dict[tuple, object] = {}  # (family, method, scheduler, kwargs) -> its own instance
         self._warm: set[tuple[str, str, int, int]] = set()
         self._run_lock = threading.Lock()
@@ -214,8 +216,8 @@ class Engine:
 
             load_lora = _loading("lora", source, family, load_lora)
 
-            lora_key = self.cache.attach_lora(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned,
-                                              scale=spec.lora_scale)
+            lora_key = self.adapters.attach(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned,
+                                            scale=spec.lora_scale)
         return pipe, sorted(pinned), lora_key
 
     @staticmethod
@@ -314,7 +316,7 @@ class Engine:
                 raise RunStopped(f"{spec.name} stopped before it started")
             start = time.perf_counter()
             pipe, keys, lora_key = self._pipeline(family, spec)
-            with self.cache.hold(keys), (self.cache.lora_active(lora_key) if lora_key else contextlib.nullcontext()):
+            with self.cache.hold(keys), (self.adapters.active(lora_key) if lora_key else contextlib.nullcontext()):
                 args = dict(pipe=pipe, spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                             width=width, height=height, steps=steps, guidance=guidance)
                 warm_key = (family.name, spec.name, width, height)

@@ -220,18 +220,31 @@ class Panel:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What every panel of a run shares; a one-panel rerun reuses the last run's."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    width: int | None = None  # None: each method's native size
+    height: int | None = None
+
+
 @dataclass
 class Board:
-    """The panels of one run plus the settings they share. `apply` returns the methods whose view changed."""
+    """The panels of one run plus the settings they share. `apply` returns the methods whose view changed.
+    `picks` is the user's choice for the compare slider, kept across runs while both panels have images."""
 
     family: str
-    settings: dict
+    settings: RunSettings
     order: list[str]
     panels: dict[str, Panel] = field(default_factory=dict)
+    picks: tuple[str | None, str | None] = (None, None)
 
     @classmethod
     def start(cls, family: str, methods: Iterable[str], steps: dict, guidance: dict, previous: "Board | None" = None,
-              **settings) -> "Board":
+              settings: RunSettings | None = None) -> "Board":
         """A board for a fresh run; when `previous` is given (a one-panel rerun) the other panels keep
         their results."""
         order = run_order(family, methods, steps, guidance)
@@ -242,8 +255,9 @@ class Board:
                     panels[m] = panel
                 elif m in panels:  # a rerun shows the previous image until the new one replaces it
                     panels[m].result = panel.result
-            settings = {**previous.settings, **settings}
-        board = cls(family, settings, order, panels)
+            settings = settings or previous.settings
+        picks = previous.picks if previous is not None and previous.family == family else (None, None)
+        board = cls(family, settings or RunSettings(), order, panels, picks=picks)
         board._start_next()
         return board
 
@@ -342,7 +356,10 @@ def caption(result, baseline_seconds: float | None, reference: bool = False) -> 
 
 
 def compare_pair(board: Board) -> tuple[str | None, str | None]:
-    """The default pair for the image slider: the fastest finished panel against the baseline."""
+    """The pair for the image slider: the user's picks while both are panels of this board (the slider shows
+    them once both have images), else the fastest finished panel against the reference."""
+    if all(m in board.panels for m in board.picks):
+        return board.picks
     done = [m for m in board.order if board.panels[m].result is not None]
     done += [m for m, p in board.panels.items() if p.result is not None and m not in done]
     if not done:
@@ -351,6 +368,13 @@ def compare_pair(board: Board) -> tuple[str | None, str | None]:
     right = reference if reference in done else done[-1]
     left = next((m for m in done if m != right), right)
     return left, right
+
+
+def pick(board: Board | None, left: str | None, right: str | None):
+    """The user chose a pair for the slider: remember it on the board (later runs keep it) and show it."""
+    if board is not None and left and right:
+        board.picks = (left, right)
+    return compare_images(board, left, right)
 
 
 def compare_images(board: Board | None, left: str | None, right: str | None):

@@ -102,8 +102,11 @@ def defaults(family="mini", off=()):
     return values
 
 
-def named(update: list) -> dict:
-    return dict(zip([f"{m}.{o}" for m in SLOTS for o in app.PANEL_OUTPUTS] + list(app.RUN_OUTPUTS), update))
+def named(update: dict) -> dict:
+    """A handler's update by output name, gr.skip() for what it leaves as it is."""
+    names = [f"{m}.{o}" for m in SLOTS for o in app.PANEL_OUTPUTS] + list(app.RUN_OUTPUTS)
+    assert set(update) <= set(names), set(update) - set(names)
+    return {name: update.get(name, gr.skip()) for name in names}
 
 
 def download(button) -> str:
@@ -345,32 +348,29 @@ def test_panels_say_when_the_negative_prompt_is_ignored():
 
 def test_family_switch_sets_ranges_and_licence():
     out = app.family_handler(SLOTS)("sdxl")
-    assert out[0].value == present.NATIVE and ("1024×1024 for all", "1024x1024") in out[0].choices
-    methods = out[9]
+    assert out["size"].value == present.NATIVE and ("1024×1024 for all", "1024x1024") in out["size"].choices
+    methods = out["shown"]
     assert [name for _, name in methods.choices] == list(get_family("sdxl").panel_order)
     assert methods.value == ["turbo", "lcm", "lcm-lora", "baseline"]  # the others are a click away
-    per_panel, first = 10, 10
-    panel = {m: out[first + i * per_panel: first + (i + 1) * per_panel] for i, m in enumerate(SLOTS)}
-    steps, guidance, note = panel["turbo"][6], panel["turbo"][7], panel["turbo"][8]
+    steps, guidance, note = out["turbo.steps"], out["turbo.guidance"], out["turbo.note"]
     assert (steps.minimum, steps.maximum, steps.value) == (1, 4, 1)
     assert guidance.interactive is False and "Fixed at 0" in guidance.info
     assert "non-commercial" in note
-    assert (panel["lcm"][6].maximum, panel["lcm"][7].value) == (8, 8.0)
-    lightning = panel["lightning"]
-    assert lightning[0].visible is False and lightning[2] is False  # hidden and off until added
-    assert "1, 2, 4, 8: one model file each" in lightning[6].info
-    assert "openrail++" in lightning[8]
+    assert (out["lcm.steps"].maximum, out["lcm.guidance"].value) == (8, 8.0)
+    assert out["lightning.column"].visible is False and out["lightning.toggle"] is False  # off until added
+    assert "1, 2, 4, 8: one model file each" in out["lightning.steps"].info
+    assert "openrail++" in out["lightning.note"]
     mini = app.family_handler(SLOTS)("mini")
-    assert mini[first + SLOTS.index("dmd2") * per_panel].visible is False
+    assert mini["dmd2.column"].visible is False and "dmd2.steps" not in mini
 
 
 def test_adding_and_removing_a_method_shows_and_switches_its_panel():
     out = app.shown_handler(SLOTS)("sdxl", ["turbo", "lightning", "baseline"])
-    state = {m: (out[2 * i].visible, out[2 * i + 1]) for i, m in enumerate(SLOTS)}
+    state = {m: (out[f"{m}.column"].visible, out[f"{m}.toggle"]) for m in SLOTS}
     assert state["lightning"] == (True, True) and state["turbo"] == (True, True)
     assert state["lcm"] == (False, False) and state["dmd2"] == (False, False)
     out = app.shown_handler(SLOTS)("mini", ["turbo", "lightning"])  # not a mini method: stays hidden
-    assert out[2 * SLOTS.index("lightning")].visible is False
+    assert out["lightning.column"].visible is False
 
 
 def test_sizes():
@@ -422,3 +422,14 @@ def test_opening_on_a_family_that_cannot_run_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     family, notice = app.pick_family("sd15")
     assert family == "sd15" and "Generate will fail" in notice and "python -m fastgen download --family sd15" in notice
+
+
+def test_the_compare_pair_the_user_picked_survives_the_next_run(runs):
+    first = generate(runs)[-1]
+    board = first["board"]
+    assert (first["left"].value, first["right"].value) == ("turbo", "baseline")  # the default pair
+    images = present.pick(board, "lcm", "lcm-lora")
+    assert images[0] is board.panels["lcm"].result.image
+    updates = [named(u) for u in runs.generate(None, "mini", "a blue square", "", 3, "native", board, *defaults())]
+    pairs = {(u["left"].value, u["right"].value) for u in updates if changed(u["left"])}
+    assert pairs == {("lcm", "lcm-lora")}  # kept as each panel finished, not reset

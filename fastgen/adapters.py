@@ -1,0 +1,75 @@
+"""LoRAs on shared UNets: attached once as named peft adapters, active only inside the run that holds the UNet.
+
+    adapters = Adapters(cache)
+    key = adapters.attach(unet_key, lora_digest, "latent-consistency/lcm-lora-sdxl", load, "sdxl/lcm-lora")
+    with cache.hold(keys), adapters.active(key):
+        pipe(...)
+
+A UNet is shared by every method that loads the same files (the baseline, LCM-LoRA, Hyper-SD), so no adapter
+is ever fused into it. Each adapter is attached once and left disabled; `active` enables that one adapter
+alone (another on the same UNet stays off) for the run that holds the UNet's lock, and disables it on exit,
+even when the run fails or is stopped. The cache stores the adapter's record (its bytes count towards the
+budget); evicting it, or its UNet, detaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from fastgen.cache import Component, ComponentCache, module_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def switch(unet, adapter: str, enabled: bool, scale: float = 1.0) -> None:
+    """Turn `adapter` on alone at `scale`, or every adapter of `unet` off."""
+    if enabled:
+        unet.set_adapters([adapter], weights=[scale])
+        unet.enable_lora()
+    else:
+        unet.disable_lora()
+
+
+class Adapters:
+    def __init__(self, cache: ComponentCache):
+        self.cache = cache
+
+    def attach(self, unet_key: str, lora_key: str, source: str, load: Callable[[str], None], user: str,
+               pinned: Iterable[str] = (), scale: float = 1.0) -> str:
+        """Load a LoRA as a named adapter on the cached UNet `unet_key` (once) and leave it disabled.
+        `load(adapter_name)` does the loading; returns the adapter's cache key."""
+        key = f"{lora_key}@{unet_key[:16]}"
+        with self.cache.lock:
+            item = self.cache.entry(key)
+            if item is None:
+                unet = self.cache.entry(unet_key)
+                adapter = f"lora_{lora_key[:12]}"
+                before = module_bytes(unet.module)
+                logger.info("loading LoRA %s onto %s", source, unet.source)
+                try:
+                    load(adapter)
+                except BaseException:  # a half-loaded adapter may sit in the UNet: drop the UNet, it reloads clean
+                    self.cache.evict(unet_key)
+                    raise
+                switch(unet.module, adapter, enabled=False)
+                item = Component(key, "lora", source, None, module_bytes(unet.module) - before, parent=unet_key,
+                                 adapter=adapter, scale=scale)
+                self.cache.store(item, set(pinned) | {key, unet_key})
+            self.cache.touch(item, user)
+            return key
+
+    @contextlib.contextmanager
+    def active(self, key: str):
+        """Enable one adapter for the duration of a run that holds its UNet's lock."""
+        item = self.cache.entry(key)
+        unet = self.cache.entry(item.parent)
+        if unet.holder != threading.get_ident():
+            raise RuntimeError(f"a LoRA may only be enabled by the run holding its UNet ({unet.source})")
+        switch(unet.module, item.adapter, enabled=True, scale=item.scale)
+        try:
+            yield
+        finally:
+            switch(unet.module, item.adapter, enabled=False)

@@ -1,4 +1,5 @@
-"""FastGen web demo: SDXL Turbo, LCM and LCM-LoRA side by side with the 50-step baseline.
+"""FastGen web demo: fast text-to-image methods side by side with the 50-step baseline (SDXL Turbo, LCM,
+LCM-LoRA, and on SDXL also SDXL-Lightning, Hyper-SD and DMD2: whatever the registry lists).
 
     python app.py                      # http://127.0.0.1:7860, default family for this machine
     python app.py --family sd15 --port 7861

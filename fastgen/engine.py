@@ -30,7 +30,8 @@ from fastgen.request import (MAX_SEED, MAX_SIZE, check_guidance, check_int, chec
 from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
-__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError", "MissingWeightsError", "default_family",
+__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError",
+           "MissingWeightsError", "default_family",
            "pick_device", "pick_dtype", "MAX_SIZE", "MAX_SEED"]
 
 logger = logging.getLogger(__name__)

@@ -57,7 +57,8 @@ def test_doctor_with_all_weights(fake_hub, capsys):
     for family in ("sdxl", "sd15", "mini"):
         block = family_block(out, family)
         assert block[0].endswith(": ready"), block
-        assert len(block) == 1 + len(get_family(family).methods) and all(" present, " in line and " on disk" in line for line in block[1:]), block
+        assert len(block) == 1 + len(get_family(family).methods), block
+        assert all(" present, " in line and " on disk" in line for line in block[1:]), block
 
 
 def test_doctor_with_some_weights(some_weights, capsys):

@@ -107,7 +107,7 @@ class Runs:
     # -- events ---------------------------------------------------------------------------------------
 
     def generate(self, request: gr.Request, family: str, prompt: str, negative_prompt: str, seed: float,
-                 size: str, board: Board | None, *panel_values) -> Iterator[list]:
+                 size: str, board: Board | None, *panel_values) -> Iterator[dict]:
         """Run every enabled panel on the same prompt and seed, fastest first, the baseline last."""
         try:
             req = self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
@@ -127,7 +127,7 @@ class Runs:
         yield from self.follow(board, job, request)
 
     def rerun(self, method: str, request: gr.Request, board: Board | None, enabled: bool, steps: float,
-              guidance: float) -> Iterator[list]:
+              guidance: float) -> Iterator[dict]:
         """Rerun one panel with its new slider values and the last run's prompt, seed and size."""
         if not isinstance(board, Board) or not enabled or board.panels.get(method) is None:
             yield {}  # nothing changes
@@ -153,7 +153,7 @@ class Runs:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    def follow(self, board: Board, job, request: gr.Request | None) -> Iterator[list]:
+    def follow(self, board: Board, job, request: gr.Request | None) -> Iterator[dict]:
         """Stream `job` into the board, then settle it: finished panels stay, the rest say why they stopped."""
         session = request.session_hash if request else None
         stop = self.switches.arm(session)

@@ -73,7 +73,6 @@ def compare(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
         methods=args.methods.split(",") if args.methods else None, steps=dict(args.steps) or None,
         guidance=dict(args.guidance) or None), family=family)
-    request.check_sizes()
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())

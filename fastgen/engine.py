@@ -26,7 +26,7 @@ from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
 from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
 from fastgen.request import (MAX_SEED, MAX_SIZE, check_guidance, check_int, check_methods, check_per_method,
-                             check_size, check_steps, check_text)
+                             check_size, check_sizes, check_steps, check_text)
 from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
@@ -425,10 +425,7 @@ class Engine:
         methods = check_methods(family, methods)
         steps = check_per_method("steps", steps, family, methods)
         guidance = check_per_method("guidance", guidance, family, methods)
-        for name in methods:
-            spec = family.method(name)
-            check_size("width", spec.native_size if width is None else width)
-            check_size("height", spec.native_size if height is None else height)
+        check_sizes(family, methods, width, height)
         check_int("seed", seed, 0, MAX_SEED)
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)

@@ -85,6 +85,14 @@ def check_size(name: str, value) -> int:
     return value
 
 
+def check_sizes(family: Family, methods, width, height) -> None:
+    """Every method can run at the asked size (None: each method's native size)."""
+    for name in methods:
+        spec = family.method(name)
+        check_size("width", spec.native_size if width is None else width)
+        check_size("height", spec.native_size if height is None else height)
+
+
 def check_steps(spec: MethodSpec, steps) -> int:
     if spec.step_files and (not _is_int(steps) or steps not in spec.allowed_steps):
         # one file per step count: only those counts exist
@@ -193,16 +201,10 @@ class CompareRequest:
                 sizes[name] = None
                 continue
             sizes[name] = check_size(name, value)
+        check_sizes(fam, methods, sizes["width"], sizes["height"])
         steps = check_per_method("steps", data.get("steps"), fam, methods)
         guidance = check_per_method("guidance", data.get("guidance"), fam, methods)
         return cls(fam, prompt, tuple(methods), negative, seed, sizes["width"], sizes["height"], steps, guidance)
-
-    def check_sizes(self) -> None:
-        """Raise unless every method can run at the asked size (None: its native size)."""
-        for name in self.methods:
-            spec = self.family.method(name)
-            check_size("width", spec.native_size if self.width is None else self.width)
-            check_size("height", spec.native_size if self.height is None else self.height)
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments for Engine.compare / iter_compare after (family, prompt, methods)."""

@@ -72,6 +72,16 @@ def verdicts(error: RequestError | None, fields: list[str]) -> list:
     return [gr.validate(f != refused_field, str(error) if f == refused_field else "") for f in fields]
 
 
+def validated(check, fields: list[str]) -> list:
+    """Run `check()` for a validator: all inputs pass, or the refused field carries the message (one INFO line)."""
+    try:
+        check()
+        return verdicts(None, fields)
+    except RequestError as error:
+        log.info("refused %s: %s", error.field, error)
+        return verdicts(error, fields)
+
+
 def slider_int(value):
     """A slider sends 4.0 for 4: the integral floats our own sliders make become ints; anything else is left for
     the schema to refuse."""
@@ -91,12 +101,11 @@ def example_prompts(family: str) -> list[str]:
 
 class Runs:
     """The event functions that touch the engine. Each yields {component: update} for what changed; the
-    components are the page's, named as in `output_names` (bound with `bind`)."""
+    components are the page's, named "<method>.<PANEL_OUTPUTS>" and RUN_OUTPUTS (bound with `bind`)."""
 
     def __init__(self, engine: Engine, export_dir: Path | None = None, slots: tuple[str, ...] | None = None):
         self.engine = engine
         self.slots = tuple(slots or present.panel_slots())  # one panel per registered method
-        self.output_names = [f"{m}.{o}" for m in self.slots for o in PANEL_OUTPUTS] + list(RUN_OUTPUTS)
         self.components: dict[str, gr.components.Component] = {}  # set by `bind` when the page is built
         if export_dir is None:  # removed with this object (at the latest when the server exits)
             self._exports = tempfile.TemporaryDirectory(prefix="fastgen-exports-")
@@ -194,26 +203,24 @@ class Runs:
         if not methods:
             raise RequestError("methods", "Turn on at least one panel.")
         width, height = parse_size(size)
-        req = CompareRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
-                                        methods=methods, width=width, height=height, steps=steps,
-                                        guidance=guidance), family=fam)
-        req.check_sizes()
-        return req
+        return CompareRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
+                                         methods=methods, width=width, height=height, steps=steps,
+                                         guidance=guidance), family=fam)
 
     def validate_page(self, family, prompt, negative_prompt, seed, size, board, *panel_values) -> list:
         """Generate's validator: runs before the job is queued; an error is shown on the field it concerns."""
-        try:
-            self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
-            error = None
-        except RequestError as exc:
-            log.info("refused %s: %s", exc.field, exc)
-            error = exc
-        fields = ["family", "prompt", "negative_prompt", "seed", "width", "board"]
-        panel_fields = [f for _ in self.slots for f in ("methods", "steps", "guidance")]
-        checks = verdicts(error, fields + panel_fields)
-        if error is not None and error.field == "height":  # width and height share the size control
-            checks[4] = gr.validate(False, str(error))
-        return checks
+        fields = ["family", "prompt", "negative_prompt", "seed", "size", "board"]
+        fields += [f for _ in self.slots for f in ("methods", "steps", "guidance")]
+
+        def check():
+            try:
+                self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
+            except RequestError as error:
+                if error.field in ("width", "height"):  # both are read from the one size control
+                    raise RequestError("size", str(error)) from None
+                raise
+
+        return validated(check, fields)
 
     def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> dict:
         """The updates for `board`, by output (see `bind`): changed panels get new values; an output that is not
@@ -261,12 +268,7 @@ def compare_api(engine: Engine, default: str):
     and the results JSON out. Inputs arrive as plain JSON values and go through CompareRequest unchanged."""
 
     def validate(*values) -> list:
-        try:
-            CompareRequest.parse(dict(zip(FIELDS, values)), family=default).check_sizes()
-            return verdicts(None, list(FIELDS))
-        except RequestError as error:
-            log.info("refused %s: %s", error.field, error)
-            return verdicts(error, list(FIELDS))
+        return validated(lambda: CompareRequest.parse(dict(zip(FIELDS, values)), family=default), list(FIELDS))
 
     @gpu_task
     def compare(prompt: str, seed: int = 0, negative_prompt: str | None = None, methods: list[str] | None = None,
@@ -277,7 +279,6 @@ def compare_api(engine: Engine, default: str):
         values = (prompt, seed, negative_prompt, methods, width, height, family, steps, guidance)
         try:
             req = CompareRequest.parse(dict(zip(FIELDS, values)), family=default)
-            req.check_sizes()
         except RequestError as error:
             raise refused(error) from None
         try:

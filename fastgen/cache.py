@@ -3,8 +3,9 @@
 A component (UNet, VAE, text encoder, tokenizer, safety checker, LoRA) is keyed by the sha256 of the files it
 loads from (LFS blobs in the Hub cache are named by it; local files are hashed once) plus the dtype, so
 byte-identical text encoders in two repos load once. Each component has a lock that a run holds while it uses
-it. A LoRA's record lives here too (its bytes count), but when it acts is fastgen.adapters' business. Past the memory budget, the least recently used
-components that no run holds are evicted; they reload on the next use.
+it. A LoRA's record lives here too (its bytes count), but when it acts is fastgen.adapters' business. Past
+the memory budget, the least recently used components that no run holds are evicted; they reload on the next
+use.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from fastgen.registry import get_family
-from fastgen.request import parse_size  # noqa: F401  (the page parses its size control with it)
 from fastgen.results import MethodFailure
 
 

@@ -373,13 +373,6 @@ def test_adding_and_removing_a_method_shows_and_switches_its_panel():
     assert out["lightning.column"].visible is False
 
 
-def test_sizes():
-    assert present.parse_size("native") == (None, None)
-    assert present.parse_size("512x768") == (512, 768)
-    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-        present.parse_size("big")
-
-
 def test_model_work_shares_one_gpu_slot():
     """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
     gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]

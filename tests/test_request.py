@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fastgen.request import FIELDS, MAX_PROMPT_CHARS, CompareRequest, RequestError
+from fastgen.request import FIELDS, MAX_PROMPT_CHARS, CompareRequest, RequestError, parse_size
 from tests.bad_inputs import BAD_REQUESTS, RAW_ONLY
 
 
@@ -55,3 +55,10 @@ def test_an_unknown_field_is_refused():
     with pytest.raises(RequestError, match="unknown field 'sede'"):
         CompareRequest.parse({"prompt": "a red circle", "sede": 1}, family="mini")
 
+
+
+def test_sizes():
+    assert parse_size("native") == (None, None)
+    assert parse_size("512x768") == (512, 768)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("big")

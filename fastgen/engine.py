@@ -25,12 +25,13 @@ from fastgen.adapters import Adapters
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
 from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
-from fastgen.request import (MAX_SEED, MAX_SIZE, check_guidance, check_int, check_methods, check_per_method,
-                             check_size, check_sizes, check_steps, check_text)
+from fastgen.request import (MAX_SEED, MAX_SIZE, check_flag, check_guidance, check_image, check_int, check_mask,
+                             check_methods, check_per_method, check_refine_steps, check_size, check_sizes,
+                             check_steps, check_strength, check_text, fit)
 from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
-__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError",
+__all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped", "ComponentLoadError", "NotAvailable",
            "MissingWeightsError", "default_family",
            "pick_device", "pick_dtype", "MAX_SIZE", "MAX_SEED"]
 
@@ -41,6 +42,13 @@ OnStep = Callable[[str, int, int], None]
 
 class RunStopped(Exception):
     """A run was stopped between two steps through its `stop` event."""
+
+
+class NotAvailable(ValueError):
+    """The method cannot refine in this mode: diffusers has no pipeline for it (FastGen does not improvise one)."""
+
+
+MODE_LABELS = {"text2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting"}
 
 
 class ComponentLoadError(RuntimeError):
@@ -164,8 +172,9 @@ class Engine:
         return {repo: hub.local_folder(repo) for repo in spec.repos}
 
     # 2. Assemble the method's pipeline from cached components ---------------------------------------------
-    def _pipeline(self, family: Family, spec: MethodSpec):
-        """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, its LoRA key."""
+    def _pipeline(self, family: Family, spec: MethodSpec, pipeline: str | None = None):
+        """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, its LoRA key.
+        `pipeline`: another class over the same modules (a refine recipe's img2img or inpaint pipeline)."""
         import diffusers
 
         folders = self._folders(spec, family)
@@ -202,7 +211,7 @@ class Engine:
             parts[name] = self.cache.get(key, name, source.label, load, user, pinned, int(estimate))
         if spec.fp16_unsafe_vae and "vae" in parts:
             self._vae_safe(parts["vae"])
-        pipe = self._construct(getattr(diffusers, spec.pipeline), model_index, parts,
+        pipe = self._construct(getattr(diffusers, pipeline or spec.pipeline), model_index, parts,
                                self._scheduler(family, spec, folder))
 
         lora_key = None
@@ -312,20 +321,10 @@ class Engine:
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)
         spec = spec.at_steps(steps)  # the file, scheduler and call arguments of this step count
-        with self._run_lock:
-            if stop is not None and stop.is_set():
-                raise RunStopped(f"{spec.name} stopped before it started")
-            start = time.perf_counter()
-            pipe, keys, lora_key = self._pipeline(family, spec)
-            with self.cache.hold(keys), (self.adapters.active(lora_key) if lora_key else contextlib.nullcontext()):
-                args = dict(pipe=pipe, spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                            width=width, height=height, steps=steps, guidance=guidance)
-                warm_key = (family.name, spec.name, width, height)
-                if self.device != "cpu" and warm_key not in self._warm:  # first CUDA run pays kernel selection
-                    self._generate(**{**args, "steps": spec.min_steps}, on_step=None, stop=stop)
-                    self._warm.add(warm_key)
-                load_seconds = time.perf_counter() - start
-                image, timings, loop_steps, flagged = self._generate(**args, on_step=on_step, stop=stop)
+        args = dict(spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                    guidance=guidance, width=width, height=height)
+        pipe, image, timings, loop_steps, flagged, load_seconds = self._execute(
+            family, spec, None, args, (family.name, spec.name, width, height), spec.min_steps, on_step, stop)
         cfg = spec.cfg_at(guidance)
         scheduler = pipe.scheduler
         return MethodResult(
@@ -338,12 +337,30 @@ class Engine:
             code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                              guidance=guidance, width=width, height=height, device=self.device,
                              dtype=self.dtype_name, scheduler_class=type(scheduler).__name__),
-            licence=spec.licence,
+            licence=spec.licence, denoising_steps=loop_steps,
         )
 
-    def _generate(self, pipe, spec, prompt, negative_prompt, seed, width, height, steps, guidance, on_step, stop):
-        """One pipeline call, timed at the step boundaries: text encoding runs until the UNet's first call,
-        denoising until the last step's callback, decoding (VAE, safety checker, to PIL) after it."""
+    def _execute(self, family: Family, spec: MethodSpec, pipeline: str | None, args: dict, warm_key: tuple,
+                 warm_steps: int, on_step, stop):
+        """Under the run lock: assemble the pipeline, hold its parts (and enable its LoRA), warm up on a first CUDA
+        run, generate. Returns (pipe, image, timings, steps run, flagged, load seconds)."""
+        with self._run_lock:
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"{spec.name} stopped before it started")
+            start = time.perf_counter()
+            pipe, keys, lora_key = self._pipeline(family, spec, pipeline)
+            with self.cache.hold(keys), (self.adapters.active(lora_key) if lora_key else contextlib.nullcontext()):
+                if self.device != "cpu" and warm_key not in self._warm:  # first CUDA run pays kernel selection
+                    self._generate(pipe, **{**args, "steps": warm_steps}, on_step=None, stop=stop)
+                    self._warm.add(warm_key)
+                load_seconds = time.perf_counter() - start
+                image, timings, loop_steps, flagged = self._generate(pipe, **args, on_step=on_step, stop=stop)
+        return pipe, image, timings, loop_steps, flagged, load_seconds
+
+    def _generate(self, pipe, spec, prompt, negative_prompt, seed, steps, guidance, on_step, stop, **inputs):
+        """One pipeline call, timed at the step boundaries: text encoding (and for a refine, encoding the source
+        image) runs until the UNet's first call, denoising until the last step's callback, decoding (VAE, safety
+        checker, to PIL) after it. `inputs`: width and height, or a refine's image, mask_image and strength."""
         import torch
 
         marks = {}
@@ -370,7 +387,7 @@ class Engine:
                 raise RunStopped(f"{spec.name} stopped after step {i + 1} of {total}")
             return tensors
 
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, **inputs,
                       generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=step_end)
         if spec.cfg_at(guidance) and negative_prompt:
             kwargs["negative_prompt"] = negative_prompt
@@ -447,6 +464,8 @@ class Engine:
 
         if isinstance(error, MissingWeightsError):
             kind, message = "missing-weights", str(error)
+        elif isinstance(error, NotAvailable):
+            kind, message = "not-available", str(error)
         elif isinstance(error, (torch.OutOfMemoryError, MemoryError)):
             kind = "out-of-memory"
             message = (f"{spec.label} ran out of memory at {width}x{height} on {self.device}: try a smaller size "
@@ -469,12 +488,149 @@ class Engine:
                                seed=kwargs.get("seed", 0))
 
     def comparison(self, family: str | Family, prompt: str, outcomes: list[MethodResult | MethodFailure], *,
-                   negative_prompt: str = "", seed: int = 0) -> Comparison:
-        """Gather what `iter_compare` yielded into a Comparison with the cache report for the methods that ran."""
+                   negative_prompt: str = "", seed: int = 0, source=None, mask=None,
+                   strength: float | None = None) -> Comparison:
+        """Gather what `iter_compare` (or, with `source`, `iter_refine`) yielded into a Comparison with the cache
+        report for the methods that ran."""
         family = get_family(family)
         results = [r for r in outcomes if isinstance(r, MethodResult)]
         failures = [r for r in outcomes if isinstance(r, MethodFailure)]
         users = [f"{family.name}/{r.method}" for r in results]
         return Comparison(family=family.name, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                           device=self.device, dtype=self.dtype_name, results=results,
-                          cache=self.cache.report(users), failures=failures, reference=family.reference)
+                          cache=self.cache.report(users), failures=failures, reference=family.reference,
+                          mode="text2img" if source is None else "img2img" if mask is None else "inpaint",
+                          strength=strength, source=source, mask=mask)
+
+
+    # 5. Refine an image (image-to-image, inpainting) ---------------------------------------------------------
+    def refine(self, family: str | Family, method: str, image, prompt: str, *, mask=None,
+               strength: float | None = None, steps: int | None = None, guidance: float | None = None,
+               negative_prompt: str = "", seed: int = 0, keep_outside: bool = False, resize: bool = False,
+               on_step: OnStep | None = None, stop: threading.Event | None = None) -> MethodResult:
+        """Refine `image` (PIL, RGB) with one method: image-to-image, or inpainting where `mask` (PIL, mode L,
+        white = repaint) is given, over the same cached modules as text-to-image. strength/steps/guidance None:
+        the method's refine defaults (its model card's). `keep_outside` pastes the source back outside the mask;
+        `resize` fits image and mask to the method's native size first (nothing is resized otherwise). Raises
+        ValueError on bad input, NotAvailable where diffusers has no pipeline for the method and mode,
+        MissingWeightsError, or RunStopped."""
+        family = get_family(family)
+        recipe, source, mask, strength, steps, guidance = self._refine_args(
+            family, family.method(method), image, mask, strength, steps, guidance, keep_outside, resize)
+        check_int("seed", seed, 0, MAX_SEED)
+        check_text("prompt", prompt, required=True)
+        check_text("negative_prompt", negative_prompt, required=False)
+        spec = family.method(method).at_steps(steps)
+        inputs = dict(image=source, strength=strength)
+        if mask is not None:  # the inpaint pipelines otherwise draw at the UNet's sample size, resizing the source
+            inputs.update(mask_image=mask, width=source.width, height=source.height)
+        args = dict(spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                    guidance=guidance, **inputs)
+        pipe, out, timings, loop_steps, flagged, load_seconds = self._execute(
+            family, spec, recipe.pipeline, args, (family.name, spec.name, recipe.mode, *source.size), steps,
+            on_step, stop)
+        outside = None
+        if mask is not None:
+            if keep_outside:  # a 4-channel UNet blends in latent space: the VAE round trip moves the outside
+                out = pipe.image_processor.apply_overlay(mask, source, out)
+            outside = {**outside_change(source, out, mask), "kept": keep_outside}
+        cfg = spec.cfg_at(guidance)
+        scheduler = pipe.scheduler
+        warnings = self._warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, *source.size, flagged)
+        return MethodResult(
+            method=spec.name, label=spec.label, image=out, steps=steps, guidance=guidance, cfg=cfg,
+            scheduler=type(scheduler).__name__, timestep_spacing=scheduler.config.get("timestep_spacing"),
+            width=source.width, height=source.height, seconds=round(sum(timings.values()), 4),
+            load_seconds=round(load_seconds, 4), timings={k: round(v, 4) for k, v in timings.items()},
+            steps_per_second=round(loop_steps / max(timings["denoising"], 1e-9), 3), warnings=warnings,
+            code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                             guidance=guidance, width=source.width, height=source.height, device=self.device,
+                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__,
+                             refine=dict(pipeline=recipe.pipeline, strength=strength, mask=mask is not None,
+                                         keep_outside=keep_outside, resize=source.size if resize else None)),
+            licence=spec.licence, mode=recipe.mode, strength=strength, denoising_steps=loop_steps,
+            outside_change=outside,
+        )
+
+    @staticmethod
+    def _refine_args(family: Family, spec: MethodSpec, image, mask, strength, steps, guidance, keep_outside, resize):
+        """A refine's inputs, checked for one method: (recipe, source, mask, strength, steps, guidance), the source
+        and mask fitted to the method when `resize`. Raises NotAvailable or RequestError."""
+        from PIL import Image
+
+        mode = "img2img" if mask is None else "inpaint"
+        recipe = spec.refine_recipe(mode)
+        if recipe is None:
+            raise NotAvailable(f"{MODE_LABELS[mode]} is not available for this method: diffusers has no {mode} "
+                               f"pipeline for {spec.label} ({spec.pipeline})")
+        check_flag("keep_outside", keep_outside)
+        if check_flag("resize", resize) and isinstance(image, Image.Image):
+            image = fit(image, spec.native_size)
+            if isinstance(mask, Image.Image):
+                mask = fit(mask, spec.native_size, Image.NEAREST)
+        source = check_image("image", image)
+        if mask is not None:
+            mask = check_mask(mask, source.size)
+        strength = recipe.strength if strength is None else check_strength(strength)
+        steps = check_steps(spec, recipe.steps if steps is None else steps)
+        guidance = check_guidance(spec, recipe.guidance if guidance is None else guidance)
+        check_refine_steps(spec, recipe, steps, strength)
+        return recipe, source, mask, strength, steps, guidance
+
+    def iter_refine(self, family: str | Family, image, prompt: str, methods: list[str] | None = None, *,
+                    mask=None, strength: float | None = None, steps: dict[str, int] | None = None,
+                    guidance: dict[str, float] | None = None, negative_prompt: str = "", seed: int = 0,
+                    keep_outside: bool = False, resize: bool = False, on_step: OnStep | None = None,
+                    stop: threading.Event | None = None) -> Iterator[MethodResult | MethodFailure]:
+        """Refine one image with `methods` (default: the family's shown ones) on one prompt, seed and strength
+        (None: each method's default); yield each result as it is ready, as iter_compare does. Every argument
+        is checked for every method before the first run starts; a method with no pipeline for the mode yields
+        a "not-available" MethodFailure, as does any panel that fails."""
+        family = get_family(family)
+        methods = check_methods(family, methods)
+        steps = check_per_method("steps", steps, family, methods)
+        guidance = check_per_method("guidance", guidance, family, methods)
+        check_int("seed", seed, 0, MAX_SEED)
+        check_text("prompt", prompt, required=True)
+        check_text("negative_prompt", negative_prompt, required=False)
+        unavailable = {}
+        for name in methods:
+            try:
+                self._refine_args(family, family.method(name), image, mask, strength, steps.get(name),
+                                  guidance.get(name), keep_outside, resize)
+            except NotAvailable as error:
+                unavailable[name] = error
+        for name in methods:
+            spec = family.method(name)
+            try:
+                if name in unavailable:
+                    raise unavailable[name]
+                outcome = self.refine(family, name, image, prompt, mask=mask, strength=strength,
+                                      steps=steps.get(name), guidance=guidance.get(name),
+                                      negative_prompt=negative_prompt, seed=seed, keep_outside=keep_outside,
+                                      resize=resize, on_step=on_step, stop=stop)
+            except RunStopped:
+                raise
+            except Exception as error:
+                outcome = self._failure(family, spec, error, *image.size)
+            yield outcome
+
+    def refine_compare(self, family: str | Family, image, prompt: str, methods: list[str] | None = None,
+                       **kwargs) -> Comparison:
+        """`iter_refine` gathered into a Comparison (mode, strength, the source and mask, as results.json says)."""
+        family = get_family(family)
+        outcomes = list(self.iter_refine(family, image, prompt, methods, **kwargs))
+        return self.comparison(family, prompt, outcomes, negative_prompt=kwargs.get("negative_prompt", ""),
+                               seed=kwargs.get("seed", 0), source=image, mask=kwargs.get("mask"),
+                               strength=kwargs.get("strength"))
+
+def outside_change(source, image, mask) -> dict:
+    """How far the pixels outside the mask (< 128) moved from the source: mean and max absolute difference per
+    channel, in 0-255 units."""
+    import numpy as np
+
+    outside = np.asarray(mask) < 128
+    if not outside.any():
+        return {"mean": 0.0, "max": 0}
+    diff = np.abs(np.asarray(image.convert("RGB"), dtype=np.int16) - np.asarray(source, dtype=np.int16))[outside]
+    return {"mean": round(float(diff.mean()), 3), "max": int(diff.max())}

@@ -28,6 +28,19 @@ SCHEDULERS = {
 }
 GUIDANCE_MODES = ("cfg", "embedding", "none")
 PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+REFINE_MODES = ("img2img", "inpaint")
+# The refine pipeline of each text-to-image pipeline and mode, as diffusers' AutoPipelineForImage2Image /
+# AutoPipelineForInpainting map them (0.42); None: diffusers has none, and the method says so.
+REFINE_PIPELINES = {
+    "StableDiffusionXLPipeline": {"img2img": "StableDiffusionXLImg2ImgPipeline",
+                                  "inpaint": "StableDiffusionXLInpaintPipeline"},
+    "StableDiffusionPipeline": {"img2img": "StableDiffusionImg2ImgPipeline",
+                                "inpaint": "StableDiffusionInpaintPipeline"},
+    "LatentConsistencyModelPipeline": {"img2img": "LatentConsistencyModelImg2ImgPipeline", "inpaint": None},
+}
+# Pipelines that spread N steps over the shortened range (LCM's own img2img: diffusers #7651); the others cut the
+# schedule and run int(steps * strength) of its N steps (and fail at 0: diffusers #11092).
+SPREADING_PIPELINES = ("LatentConsistencyModelImg2ImgPipeline",)
 # LCMScheduler raises for more steps than its original_inference_steps (50): the slider must never get there.
 LCM_MAX_STEPS = 50
 TURBO_LICENCE = "Stability AI community licence: non-commercial use (a licence from Stability AI is needed otherwise)"
@@ -43,6 +56,42 @@ class StepFile:
     scheduler: str | None = None  # None: the method's
     scheduler_kwargs: tuple[tuple[str, object], ...] | None = None  # None: the method's
     call_kwargs: tuple[tuple[str, object], ...] | None = None  # None: the method's
+
+
+@dataclass(frozen=True)
+class Refine:
+    """A method's defaults for refining an image (image-to-image, inpainting), from its model card where it has
+    one. None: the text-to-image default."""
+
+    strength: float = 0.5  # image-to-image: how much of the schedule is redone (1.0: all of it)
+    inpaint_strength: float = 0.9  # inpainting: the masked region is mostly redrawn; near 1.0 SDXL gets noisy (#8450)
+    steps: int | None = None
+    guidance: float | None = None
+
+    def __post_init__(self):
+        for name in ("strength", "inpaint_strength"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RefineRecipe:
+    """How one method refines in one mode: the pipeline class and its default strength, steps and guidance."""
+
+    mode: str  # "img2img" or "inpaint"
+    pipeline: str  # diffusers pipeline class name
+    strength: float
+    steps: int
+    guidance: float
+
+    @property
+    def spreads_steps(self) -> bool:
+        """True: the steps are spread over the shortened schedule; False: int(steps * strength) of them run."""
+        return self.pipeline in SPREADING_PIPELINES
+
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """How many denoising steps a run of `steps` at `strength` takes."""
+        return steps if self.spreads_steps else min(int(steps * strength), steps)
 
 
 @dataclass(frozen=True)
@@ -78,6 +127,7 @@ class MethodSpec:
     fp16_unsafe_vae: bool = False  # the SDXL VAE overflows in fp16: it must be upcast to decode
     reference: bool = False  # the family's baseline: every speed-up is measured against it
     shown: bool = True  # a panel on the page when it opens (the others are a click away)
+    refine: Refine = Refine()  # its image-to-image and inpainting defaults
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
@@ -129,6 +179,10 @@ class MethodSpec:
             for f in self.step_files:
                 if f.scheduler is not None and f.scheduler not in SCHEDULERS:
                     raise ValueError(f"`scheduler` must be one of {tuple(SCHEDULERS)}, got {f.scheduler!r}")
+        if self.refine.steps is not None and self.refine.steps not in self.allowed_steps:
+            raise ValueError(f"`refine.steps` must be one of the method's step counts, got {self.refine.steps}")
+        if self.refine.guidance is not None and not self.min_guidance <= self.refine.guidance <= self.max_guidance:
+            raise ValueError(f"`refine.guidance` must be in the method's guidance range, got {self.refine.guidance}")
         if self.native_size % 8 or not 8 <= self.native_size <= 2048:
             raise ValueError(f"`native_size` must be a multiple of 8 in [8, 2048], got {self.native_size}")
 
@@ -149,10 +203,24 @@ class MethodSpec:
         weight = {"unet_weight_name" if self.unet_weight_name is not None else "lora_weight_name": chosen.weight_name}
         return replace(
             self, **weight, step_files=(), steps=steps, min_steps=steps, max_steps=steps,
+            refine=replace(self.refine, steps=None),
             scheduler=self.scheduler if chosen.scheduler is None else chosen.scheduler,
             scheduler_kwargs=self.scheduler_kwargs if chosen.scheduler_kwargs is None else chosen.scheduler_kwargs,
             call_kwargs=self.call_kwargs if chosen.call_kwargs is None else chosen.call_kwargs,
         )
+
+    def refine_recipe(self, mode: str) -> RefineRecipe | None:
+        """This method's recipe for refining in `mode` ("img2img" or "inpaint"), or None where diffusers has no
+        pipeline for it."""
+        if mode not in REFINE_MODES:
+            raise ValueError(f"`mode` must be one of {REFINE_MODES}, got {mode!r}")
+        pipeline = REFINE_PIPELINES[self.pipeline][mode]
+        if pipeline is None:
+            return None
+        r = self.refine
+        return RefineRecipe(mode, pipeline, r.strength if mode == "img2img" else r.inpaint_strength,
+                            self.steps if r.steps is None else r.steps,
+                            self.guidance if r.guidance is None else r.guidance)
 
     @property
     def ignores_negative_prompt(self) -> bool:
@@ -232,6 +300,13 @@ class Family:
         return tuple(dict.fromkeys(r for m in self.methods for r in m.repos))
 
 
+# Image-to-image settings from the model cards: SDXL Turbo 2 steps at strength 0.5 (one step runs); LCM 4 steps at
+# 0.5; LCM-LoRA 4 steps, guidance 1, strength 0.6; the base model at strength 0.3.
+TURBO_REFINE = Refine(strength=0.5, steps=2)
+LCM_REFINE = Refine(strength=0.5, steps=4)
+LCM_LORA_REFINE = Refine(strength=0.6, steps=4, guidance=1.0)
+BASE_REFINE = Refine(strength=0.3)
+
 # --- SDXL ---------------------------------------------------------------------------------------------
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
@@ -248,18 +323,19 @@ SDXL = Family(
     description="SDXL 1.0 base and its distilled variants (needs a GPU for sensible speed).",
     methods=(
         MethodSpec(
-            name="turbo", label="SDXL Turbo", repo="stabilityai/sdxl-turbo",
+            name="turbo", refine=TURBO_REFINE, label="SDXL Turbo", repo="stabilityai/sdxl-turbo",
             scheduler="euler_ancestral", scheduler_kwargs=(("timestep_spacing", "trailing"),),
             steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
             guidance_mode="none", licence=TURBO_LICENCE, **{**_SDXL, "native_size": 512},
         ),
         MethodSpec(
-            name="lcm", label="LCM", repo=SDXL_BASE, unet_repo="latent-consistency/lcm-sdxl", unet_variant="fp16",
+            name="lcm", refine=LCM_REFINE, label="LCM", repo=SDXL_BASE, unet_repo="latent-consistency/lcm-sdxl",
+            unet_variant="fp16",
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=8.0, min_guidance=1.0, max_guidance=15.0,
             guidance_mode="embedding", **_SDXL,
         ),
         MethodSpec(
-            name="lcm-lora", label="LCM-LoRA", repo=SDXL_BASE,
+            name="lcm-lora", refine=LCM_LORA_REFINE, label="LCM-LoRA", repo=SDXL_BASE,
             lora_repo=SDXL_LCM_LORA, lora_weight_name="pytorch_lora_weights.safetensors",
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
             **_SDXL,
@@ -301,7 +377,7 @@ SDXL = Family(
             ), shown=False, licence="cc-by-nc-4.0: non-commercial use", **_NO_CFG, **_SDXL,
         ),
         MethodSpec(
-            name="baseline", label="Baseline", repo=SDXL_BASE,
+            name="baseline", refine=BASE_REFINE, label="Baseline", repo=SDXL_BASE,
             steps=50, guidance=5.0, min_guidance=1.0, max_guidance=15.0, reference=True, **_SDXL,
         ),
     ),
@@ -318,25 +394,29 @@ SD15 = Family(
     methods=(
         MethodSpec(
             # SD-Turbo is distilled from SD 2.1: it shares no weights with SD 1.5.
-            name="turbo", label="SD-Turbo", pipeline="StableDiffusionPipeline", repo="stabilityai/sd-turbo",
+            name="turbo", refine=TURBO_REFINE, label="SD-Turbo", pipeline="StableDiffusionPipeline",
+            repo="stabilityai/sd-turbo",
             variant="fp16", scheduler="default", scheduler_kwargs=(("timestep_spacing", "trailing"),),
             steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
             guidance_mode="none", native_size=512, licence=TURBO_LICENCE,
         ),
         MethodSpec(
             # A full LCM pipeline (Dreamshaper v7 distilled); the repo ships fp32 files only.
-            name="lcm", label="LCM", pipeline="LatentConsistencyModelPipeline", repo="SimianLuo/LCM_Dreamshaper_v7",
+            name="lcm", refine=LCM_REFINE, label="LCM", pipeline="LatentConsistencyModelPipeline",
+            repo="SimianLuo/LCM_Dreamshaper_v7",
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=8.0, min_guidance=1.0, max_guidance=15.0,
             guidance_mode="embedding", native_size=768,
         ),
         MethodSpec(
-            name="lcm-lora", label="LCM-LoRA", pipeline="StableDiffusionPipeline", repo=SD15_BASE, variant="fp16",
+            name="lcm-lora", refine=LCM_LORA_REFINE, label="LCM-LoRA", pipeline="StableDiffusionPipeline",
+            repo=SD15_BASE, variant="fp16",
             lora_repo=SD15_LCM_LORA, lora_weight_name="pytorch_lora_weights.safetensors",
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
             native_size=512,
         ),
         MethodSpec(
-            name="baseline", label="Baseline", pipeline="StableDiffusionPipeline", repo=SD15_BASE,
+            name="baseline", refine=BASE_REFINE, label="Baseline", pipeline="StableDiffusionPipeline",
+            repo=SD15_BASE,
             variant="fp16", steps=50, guidance=7.5, min_guidance=1.0, max_guidance=15.0, native_size=512,
             reference=True,
         ),
@@ -352,24 +432,25 @@ MINI = Family(
     description="A 64x64 world of shapes trained for this project: runs in seconds on a CPU.",
     methods=(
         MethodSpec(
-            name="turbo", label="Turbo", repo=str(MINI_WEIGHTS / "turbo"),
+            name="turbo", refine=TURBO_REFINE, label="Turbo", repo=str(MINI_WEIGHTS / "turbo"),
             scheduler="euler_ancestral", scheduler_kwargs=(("timestep_spacing", "trailing"),),
             steps=1, min_steps=1, max_steps=4, guidance=0.0, min_guidance=0.0, max_guidance=0.0,
             guidance_mode="none", **_MINI,
         ),
         MethodSpec(
-            name="lcm", label="LCM", repo=str(MINI_WEIGHTS / "base"), unet_repo=str(MINI_WEIGHTS / "lcm"),
+            name="lcm", refine=LCM_REFINE, label="LCM", repo=str(MINI_WEIGHTS / "base"),
+            unet_repo=str(MINI_WEIGHTS / "lcm"),
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=4.0, min_guidance=1.0, max_guidance=8.0,
             guidance_mode="embedding", **_MINI,
         ),
         MethodSpec(
-            name="lcm-lora", label="LCM-LoRA", repo=str(MINI_WEIGHTS / "base"),
+            name="lcm-lora", refine=LCM_LORA_REFINE, label="LCM-LoRA", repo=str(MINI_WEIGHTS / "base"),
             lora_repo=str(MINI_WEIGHTS / "lcm-lora"), lora_weight_name="pytorch_lora_weights.safetensors",
             scheduler="lcm", steps=4, min_steps=1, max_steps=8, guidance=1.0, min_guidance=1.0, max_guidance=2.0,
             **_MINI,
         ),
         MethodSpec(
-            name="baseline", label="Baseline", repo=str(MINI_WEIGHTS / "base"),
+            name="baseline", refine=BASE_REFINE, label="Baseline", repo=str(MINI_WEIGHTS / "base"),
             steps=50, guidance=4.0, min_guidance=1.0, max_guidance=10.0, reference=True, **_MINI,
         ),
     ),

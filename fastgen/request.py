@@ -17,13 +17,17 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fastgen.registry import Family, MethodSpec, get_family
+from fastgen.registry import Family, MethodSpec, RefineRecipe, get_family
 
 MAX_PROMPT_CHARS = 2000  # the text encoders read 77 tokens (a few hundred characters); this only stops abuse
 MAX_SIZE = 2048  # pixels per side: past this SDXL on a 24 GB card runs out of memory, and no method was trained there
 MIN_SIZE = 64
 MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts any int, but the UI and results.json promise this range
 FIELDS = ("prompt", "seed", "negative_prompt", "methods", "width", "height", "family", "steps", "guidance")
+# A refine request: an image (and optional mask) as files, and these fields (as compare's, with no size: the
+# image sets it).
+REFINE_FIELDS = ("prompt", "seed", "negative_prompt", "methods", "family", "steps", "guidance", "strength",
+                 "keep_outside", "resize")
 
 
 class RequestError(ValueError):
@@ -151,6 +155,87 @@ def check_per_method(name: str, value, family: Family, methods: list[str]) -> di
     return {m: check(family.method(m), v) for m, v in value.items()}
 
 
+def check_strength(value) -> float:
+    if not _is_number(value) or not 0 < value <= 1:
+        raise RequestError("strength", f"`strength` must be a number in (0, 1] (the share of the schedule redone), "
+                                       f"got {shown(value)}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(name, f"`{name}` must be true or false, got {shown(value)}")
+    return value
+
+
+def check_image(name: str, image):
+    """A source image: a PIL image in RGB whose sides are multiples of 8 within the size limits."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise RequestError(name, f"`{name}` must be an image, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise RequestError(name, f"`{name}` must be an RGB image, got mode {image.mode} (convert it first)")
+    for side, value in zip(("width", "height"), image.size):
+        if value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+            raise RequestError(name, f"`{name}` {side} must be a multiple of 8 in [{MIN_SIZE}, {MAX_SIZE}], got "
+                                     f"{image.width}x{image.height}: resize it (the CLI's --resize, the page's "
+                                     "\"resize to the method's size\")")
+    return image
+
+
+def check_mask(mask, size: tuple[int, int]):
+    """An inpainting mask: single channel (mode L), the source's size, white (>= 128) where to repaint, and
+    something to repaint."""
+    from PIL import Image
+
+    if not isinstance(mask, Image.Image):
+        raise RequestError("mask", f"`mask` must be an image, got {type(mask).__name__}")
+    if mask.mode != "L":
+        raise RequestError("mask", f"`mask` must be single-channel (mode L, white = repaint), got mode {mask.mode}")
+    if mask.size != tuple(size):
+        raise RequestError("mask", f"`mask` must be the image's size {size[0]}x{size[1]}, got "
+                                   f"{mask.width}x{mask.height}")
+    if mask.getextrema()[1] < 128:
+        raise RequestError("mask", "`mask` is empty: paint the region to repaint in white")
+    return mask
+
+
+def check_refine_steps(spec: MethodSpec, recipe: RefineRecipe, steps: int, strength: float) -> int:
+    """At least one denoising step runs. The schedule-cutting pipelines run int(steps * strength) of `steps`
+    (0 crashes diffusers: #11092); LCM's own img2img spreads `steps` over the first strength x 50 of its
+    original schedule, so it needs that many."""
+    if recipe.spreads_steps:
+        if int(50 * strength) < steps:
+            raise RequestError("strength", f"`strength` {strength:g} leaves {int(50 * strength)} of {spec.label}'s 50 "
+                                           f"original steps, fewer than the {steps} asked: raise it to at least "
+                                           f"{steps / 50:g}")
+        return steps
+    if recipe.denoising_steps(steps, strength) >= 1:
+        return steps
+    fewest = next((n for n in spec.allowed_steps if int(n * strength) >= 1), None)
+    if fewest is None:
+        lowest = min(v / 100 for v in range(1, 101) if int(spec.max_steps * v / 100) >= 1)
+        raise RequestError("strength", f"`strength` {strength:g} runs no denoising step with {spec.label} (it runs "
+                                       f"int(steps x strength) steps, at most {spec.max_steps} steps): use a "
+                                       f"strength of at least {lowest:g}")
+    raise RequestError("steps", f"`steps` {steps} at strength {strength:g} runs int({steps} x {strength:g}) = 0 "
+                                f"denoising steps with {spec.label}: use at least {fewest} steps at this strength")
+
+
+def fit(image, size: int, resample=None):
+    """`image` resized for a method trained at `size` x `size`: the longer side becomes `size`, the other keeps the
+    aspect ratio, both rounded to multiples of 8 (LANCZOS; pass Image.NEAREST for a mask). The explicit resize
+    that the CLI's --resize and the page offer; nothing resizes silently."""
+    from PIL import Image
+
+    scale = size / max(image.size)
+    width, height = (max(MIN_SIZE, round(side * scale / 8) * 8) for side in image.size)
+    if (width, height) == image.size:
+        return image
+    return image.resize((width, height), Image.LANCZOS if resample is None else resample)
+
+
 def parse_size(value: str | None) -> tuple[int | None, int | None]:
     """The page's and the CLI's size text: "native" (or nothing) -> (None, None); "512x768" -> (512, 768). The
     numbers are checked with the rest of the request."""
@@ -210,3 +295,48 @@ class CompareRequest:
         """Keyword arguments for Engine.compare / iter_compare after (family, prompt, methods)."""
         return dict(negative_prompt=self.negative_prompt, seed=self.seed, width=self.width, height=self.height,
                     steps=dict(self.steps) or None, guidance=dict(self.guidance) or None)
+
+
+@dataclass(frozen=True)
+class RefineRequest:
+    """Refine one image with `methods` of `family`: img2img, or inpaint when a mask is given. `strength` None:
+    each method's default for the mode; `steps` / `guidance`: per-method values off the refine defaults."""
+
+    family: Family
+    prompt: str
+    methods: tuple[str, ...]
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: dict[str, int] = field(default_factory=dict)
+    guidance: dict[str, float] = field(default_factory=dict)
+    strength: float | None = None
+    keep_outside: bool = False
+    resize: bool = False
+
+    @classmethod
+    def parse(cls, data: Mapping, family: str | Family | None = None) -> RefineRequest:
+        """Check a refine request's fields (REFINE_FIELDS, as JSON values); the image and mask are checked by
+        the engine, which knows each method's size."""
+        unknown = [k for k in data if k not in REFINE_FIELDS]
+        if unknown:
+            raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {REFINE_FIELDS}")
+        chosen = data.get("family")
+        fam = check_family(family if chosen is None or chosen == "" else chosen)
+        prompt = check_text("prompt", data.get("prompt"), required=True)
+        seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+        negative = data.get("negative_prompt")
+        negative = "" if negative is None else check_text("negative_prompt", negative, required=False)
+        methods = check_methods(fam, data.get("methods"))
+        steps = check_per_method("steps", data.get("steps"), fam, methods)
+        guidance = check_per_method("guidance", data.get("guidance"), fam, methods)
+        strength = data.get("strength")
+        strength = None if strength is None else check_strength(strength)
+        flags = {name: check_flag(name, data.get(name, False)) for name in ("keep_outside", "resize")}
+        return cls(fam, prompt, tuple(methods), negative, seed, steps, guidance, strength, **flags)
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments for Engine.refine_compare / iter_refine after (family, image, prompt, methods)."""
+        return dict(negative_prompt=self.negative_prompt, seed=self.seed, steps=dict(self.steps) or None,
+                    guidance=dict(self.guidance) or None, strength=self.strength, keep_outside=self.keep_outside,
+                    resize=self.resize)
+

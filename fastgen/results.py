@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +30,17 @@ class MethodResult:
     warnings: list[str] = field(default_factory=list)
     code: str = ""  # a runnable diffusers snippet that reproduces the image
     licence: str | None = None
+    denoising_steps: int | None = None  # the steps that ran (a refine runs fewer than `steps` on most pipelines)
+    mode: str = "text2img"  # or "img2img", "inpaint"
+    strength: float | None = None  # a refine's: the share of the schedule redone
+    outside_change: dict | None = None  # inpainting: {"mean", "max"} change outside the mask (0-255), "kept"
 
     def to_dict(self, image: str | None = None) -> dict:
-        """JSON-safe fields; `image` is the file name the image was saved under (default `<method>.png`)."""
+        """JSON-safe fields; `image` is the file name the image was saved under (default `<method>.png`). The
+        refine fields (strength, outside_change) appear on refine results only."""
         data = {k: v for k, v in asdict(self).items() if k != "image"}
+        if self.mode == "text2img":
+            del data["strength"], data["outside_change"]
         data["image"] = image or f"{self.method}.png"
         return data
 
@@ -62,6 +70,10 @@ class Comparison:
     cache: list[dict]  # ComponentCache.report() rows for the components these methods used
     failures: list[MethodFailure] = field(default_factory=list)  # panels that failed; `results` holds the rest
     reference: str | None = "baseline"  # the family's reference method: speed-ups are measured against it
+    mode: str = "text2img"  # a refine's: "img2img" or "inpaint"
+    strength: float | None = None  # a refine's strength for every method (None: each method's default)
+    source: Image.Image | None = None  # a refine's source image, and its mask for inpainting
+    mask: Image.Image | None = None
 
     def result(self, method: str) -> MethodResult:
         for result in self.results:
@@ -87,6 +99,8 @@ class Comparison:
             "seed": self.seed, "device": self.device, "dtype": self.dtype, "results": results,
             "cache": {"components": self.cache}, "failures": [f.to_dict() for f in self.failures],
             "reference": self.reference,
+            **({"mode": self.mode, "strength": self.strength, "source_sha256": image_digest(self.source)}
+               if self.source is not None else {}),
         }
 
     def save(self, directory, stem: str | None = None, images: bool = True) -> tuple[Path, Path]:
@@ -102,6 +116,10 @@ class Comparison:
         if images:
             for result in self.results:
                 result.image.save(directory / f"{result.method}.png")
+            if self.source is not None:  # what the refine snippets load
+                self.source.save(directory / "source.png")
+                if self.mask is not None:
+                    self.mask.save(directory / "mask.png")
         grid_path = directory / f"{stem or 'grid'}.png"
         if self.results:
             info = PngInfo()
@@ -113,22 +131,36 @@ class Comparison:
         return (grid_path if self.results else None), json_path
 
     def grid(self) -> Image.Image:
-        """The panels side by side, each captioned with its label, steps, guidance and time."""
+        """The panels side by side, each captioned with its label, steps, guidance and time; a refine's source (and
+        mask) come first."""
         font = ImageFont.load_default()
         line = 14
-        captions = [
-            [r.label, f"{r.steps} step{'s' * (r.steps != 1)}, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
-             (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != self.reference else "")]
-            for r in self.results
-        ]
-        widths = [max(r.image.width, 8 + max(int(font.getlength(t)) for t in c)) for r, c in zip(self.results, captions)]
-        height = max(r.image.height for r in self.results) + line * 3 + 8
+        tiles = []
+        if self.source is not None:
+            tiles.append((self.source, ["Source", f"{self.source.width}x{self.source.height}", ""]))
+            if self.mask is not None:
+                tiles.append((self.mask, ["Mask", "white: repainted", ""]))
+        for r in self.results:
+            ran = f" ({r.denoising_steps} run)" if r.mode != "text2img" and r.denoising_steps != r.steps else ""
+            tiles.append((r.image, [
+                r.label, f"{r.steps} step{'s' * (r.steps != 1)}{ran}, guidance {r.guidance:g}", f"{r.seconds:.2f} s" +
+                (f" ({self.speedup(r.method):.1f}x)" if self.speedup(r.method) and r.method != self.reference else "")]))
+        widths = [max(image.width, 8 + max(int(font.getlength(t)) for t in caption)) for image, caption in tiles]
+        height = max(image.height for image, _ in tiles) + line * 3 + 8
         grid = Image.new("RGB", (sum(widths) + 4 * (len(widths) + 1), height), "white")
         draw = ImageDraw.Draw(grid)
         x = 4
-        for result, caption, width in zip(self.results, captions, widths):
-            grid.paste(result.image.convert("RGB"), (x + (width - result.image.width) // 2, 0))
+        for (image, caption), width in zip(tiles, widths):
+            grid.paste(image.convert("RGB"), (x + (width - image.width) // 2, 0))
             for i, text in enumerate(caption):
-                draw.text((x + 4, result.image.height + 4 + i * line), text, fill="black", font=font)
+                draw.text((x + 4, image.height + 4 + i * line), text, fill="black", font=font)
             x += width + 4
         return grid
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of an image's RGB pixels (8-bit, row by row) with its size: the same for any file format."""
+    import numpy as np
+
+    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return hashlib.sha256(f"{image.width}x{image.height}:".encode() + pixels.tobytes()).hexdigest()

@@ -37,11 +37,25 @@ def _args(*pairs) -> str:
 
 
 def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
-                width: int, height: int, device: str, dtype: str, scheduler_class: str) -> str:
+                width: int, height: int, device: str, dtype: str, scheduler_class: str,
+                refine: dict | None = None) -> str:
+    """`refine`: a refine's pipeline, strength, mask (bool), keep_outside and resize ((w, h) or None); the snippet
+    then reads source.png (and mask.png) from where it runs, as `Comparison.save` writes them."""
     dtype_expr = _Raw(f"torch.{dtype}")
-    imports = {spec.pipeline}
+    pipeline = refine["pipeline"] if refine else spec.pipeline
+    imports = {pipeline}
     extra_imports: set[str] = set()
     lines = []
+    if refine:
+        extra_imports.add("from diffusers.utils import load_image")
+        resize = ""
+        if refine["resize"]:  # the explicit --resize: as fastgen.request.fit does it
+            extra_imports.add("from PIL import Image")
+            resize = f".resize({tuple(refine['resize'])!r}, Image.LANCZOS)"
+        lines.append(f'init_image = load_image("source.png"){resize}')
+        if refine["mask"]:
+            resize = f".resize({tuple(refine['resize'])!r}, Image.NEAREST)" if refine["resize"] else ""
+            lines.append(f'mask = load_image("mask.png").convert("L"){resize}')
     load = [("variant", spec.variant), ("dtype", dtype_expr)]
     if spec.unet_weight_name is not None:  # a state dict in the base's UNet config, as the model cards load it
         imports.add("UNet2DConditionModel")
@@ -62,7 +76,7 @@ def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: in
         lines.append(f"unet = UNet2DConditionModel.from_pretrained({_repo(spec.unet_repo, extra_imports)}, "
                      f"{unet_args})")
         load.insert(0, ("unet", _Raw("unet")))
-    lines.append(f"pipe = {spec.pipeline}.from_pretrained({_repo(spec.repo, extra_imports)}, {_args(*load)})"
+    lines.append(f"pipe = {pipeline}.from_pretrained({_repo(spec.repo, extra_imports)}, {_args(*load)})"
                  f".to({device!r})")
     if spec.scheduler != "default" or spec.scheduler_kwargs:
         cls = SCHEDULERS[spec.scheduler] or scheduler_class
@@ -75,11 +89,17 @@ def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: in
         if spec.lora_scale != 1.0:
             lines.append(f"pipe.set_adapters([{spec.name!r}], adapter_weights=[{spec.lora_scale!r}])")
     call = [("num_inference_steps", steps), ("guidance_scale", float(guidance)), ("width", width), ("height", height)]
+    if refine:
+        size = call[2:] if refine["mask"] else []  # inpainting would otherwise draw at the UNet's sample size
+        source = [("image", _Raw("init_image"))] + ([("mask_image", _Raw("mask"))] if refine["mask"] else [])
+        call = source + [("strength", refine["strength"])] + call[:2] + size
     if spec.cfg_at(guidance) and negative_prompt:
         call.insert(0, ("negative_prompt", negative_prompt))
     call += [(k, list(v) if isinstance(v, tuple) else v) for k, v in spec.call_kwargs]  # DMD2's timesteps, eta
     call.append(("generator", _Raw(f'torch.Generator("cpu").manual_seed({seed})')))
     lines.append(f"image = pipe({prompt!r}, {_args(*call)}).images[0]")
+    if refine and refine["mask"] and refine["keep_outside"]:
+        lines.append("image = pipe.image_processor.apply_overlay(mask, init_image, image)  # keep outside the mask")
     lines.append(f'image.save("{spec.name}.png")')
     header = ["import torch", f"from diffusers import {', '.join(sorted(imports))}", *sorted(extra_imports), ""]
     return "\n".join(header + lines) + "\n"

@@ -90,7 +90,8 @@ class RefineRecipe:
         return self.pipeline in SPREADING_PIPELINES
 
     def denoising_steps(self, steps: int, strength: float) -> int:
-        """How many denoising steps a run of `steps` at `strength` takes."""
+        """How many denoising steps a run of `steps` at `strength` takes (a multistep scheduler such as PNDM runs
+        one more: results report the count that ran)."""
         return steps if self.spreads_steps else min(int(steps * strength), steps)
 
 

@@ -1,6 +1,7 @@
-"""Command line: compare methods side by side, download a family's weights, or check the machine.
+"""Command line: compare methods side by side, refine an image, download a family's weights, or check the machine.
 
     python -m fastgen compare "a red circle" --family sdxl --size 64x64 --out out/
+    python -m fastgen refine out/turbo.png "a red square" --family mini --mask mask.png --out refined/
     python -m fastgen download --family sdxl --dry-run
     python -m fastgen doctor
 
@@ -82,6 +83,54 @@ def compare(args) -> int:
         speedup = comparison.speedup(result.method)
         extra = f"  {speedup:.1f}x {comparison.reference}" if speedup and result.method != comparison.reference else ""
         print(f"{result.label:>16}: {result.steps:>3} steps  {result.seconds:7.2f} s{extra}")
+        for warning in result.warnings:
+            print(f"{'':>18}warning: {warning}")
+    for failure in comparison.failures:
+        print(f"{failure.label:>16}: failed: {failure.message}", file=sys.stderr)
+    print(f"wrote {len(comparison.results)} images, {'grid.png and ' if comparison.results else ''}results.json "
+          f"to {out}")
+    return 1 if comparison.failures else 0
+
+
+def _open_image(path: str, what: str, mode: str):
+    """An image file as `mode` (RGB for a source, L for a mask: a mask saved as RGB or with alpha is common), or
+    a clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if mode == "RGB" and image.mode in ("RGBA", "LA", "P"):  # transparent pixels become white, not black
+                image = image.convert("RGBA")
+                flat = Image.new("RGBA", image.size, "white")
+                flat.alpha_composite(image)
+                image = flat
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{what} {path!r} is not a readable image ({error})") from None
+
+
+def refine(args) -> int:
+    from fastgen.engine import Engine
+    from fastgen.request import RefineRequest
+
+    family = _family(args)
+    request = RefineRequest.parse(dict(
+        prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, strength=args.strength,
+        methods=args.methods.split(",") if args.methods else None, steps=dict(args.steps) or None,
+        guidance=dict(args.guidance) or None, keep_outside=args.keep_outside, resize=args.resize), family=family)
+    image = _open_image(args.image, "image", "RGB")
+    mask = _open_image(args.mask, "mask", "L") if args.mask else None
+    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
+    comparison = engine.refine_compare(family, image, request.prompt, list(request.methods), mask=mask,
+                                       **request.engine_kwargs(), on_step=_progress())
+    out = Path(args.out)
+    comparison.save(out)
+    for result in comparison.results:
+        moved, change = "", result.outside_change
+        if change is not None:
+            moved = f"  outside the mask moved {change['mean']:.2f} mean, {change['max']} max (0-255)"
+        print(f"{result.label:>16}: strength {result.strength:g}, {result.denoising_steps:>3} of {result.steps} steps "
+              f"{result.seconds:7.2f} s{moved}")
         for warning in result.warnings:
             print(f"{'':>18}warning: {warning}")
     for failure in comparison.failures:
@@ -213,6 +262,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
     p.set_defaults(run=compare)
+
+    p = commands.add_parser("refine", help="refine an image (image-to-image, or inpainting with --mask), method by "
+                                           "method")
+    p.add_argument("image", help="the source image (a draft: e.g. out/turbo.png)")
+    p.add_argument("prompt")
+    p.add_argument("--mask", help="inpaint: a mask image of the same size, white where to repaint")
+    family_options(p)
+    p.add_argument("--methods", help="comma-separated, in order (default: the family's shown methods)")
+    p.add_argument("--strength", type=float, help="share of the schedule redone, in (0, 1] (default: each method's: "
+                                                  "its model card's)")
+    p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
+    p.add_argument("--guidance", type=_pairs(float), action="append", default=[], metavar="METHOD=G")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative", default="", help="negative prompt (ignored by methods without CFG)")
+    p.add_argument("--keep-outside", action="store_true", help="inpaint: paste the source back outside the mask")
+    p.add_argument("--resize", action="store_true",
+                   help="fit the image (and mask) to each method's native size: longer side, multiples of 8")
+    p.add_argument("--out", default="refined", help="folder for <method>.png, grid.png, results.json (default: "
+                                                   "refined)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
+    p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+    p.set_defaults(run=refine)
 
     p = commands.add_parser("download", help="fetch only the files a family needs")
     family_options(p)

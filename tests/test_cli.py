@@ -124,3 +124,34 @@ def test_the_new_rows_side_by_side_share_the_base_unet_and_encoders(fake_hub, tm
     assert len(unets) == 4  # base, turbo, lightning's 4-step, dmd2's 4-step
     for kind in ("text_encoder", "text_encoder_2", "vae"):
         assert len([r for r in rows if r["kind"] == kind]) == 1
+
+
+def test_refine_writes_images_grid_and_results_equal_to_the_plain_recipes(fake_hub, tmp_path, capsys):
+    from tests.test_refine import centre_mask, recipe_refine, source_image
+
+    source_image().convert("RGBA").save(tmp_path / "draft.png")  # with alpha, as editors save: flattened on white
+    centre_mask().convert("RGB").save(tmp_path / "mask.png")  # a mask saved as RGB: read as one channel
+    out = tmp_path / "out"
+    code = main(["refine", str(tmp_path / "draft.png"), "a blue square", "--family", "sdxl", "--mask",
+                 str(tmp_path / "mask.png"), "--methods", "turbo,lcm-lora,baseline", "--steps", "baseline=10",
+                 "--strength", "0.6", "--seed", "7", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "outside the mask moved" in printed and "1 of 2 steps" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert (data["mode"], data["strength"], data["prompt"]) == ("inpaint", 0.6, "a blue square")
+    assert {"grid.png", "source.png", "mask.png", "turbo.png", "lcm-lora.png", "baseline.png"} <= {
+        p.name for p in out.iterdir()}
+    for row in data["results"]:
+        expected, ran = recipe_refine("sdxl", row["method"], "inpaint", source_image(), centre_mask(),
+                                      num_inference_steps=row["steps"], strength=0.6, guidance_scale=row["guidance"])
+        assert row["denoising_steps"] == ran
+        assert_same_image(Image.open(out / row["image"]), expected)
+
+
+def test_refine_refuses_a_bad_image_with_a_message(tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["refine", str(tmp_path / "notes.png"), "a red circle", "--family", "mini"]) == 2
+    assert "is not a readable image" in capsys.readouterr().err
+    assert main(["refine", str(tmp_path / "notes.png"), "a red circle", "--family", "mini", "--strength", "2"]) == 2
+    assert "`strength` must be a number in (0, 1]" in capsys.readouterr().err

@@ -35,11 +35,11 @@ import gradio as gr
 
 from fastgen import present
 from fastgen.engine import Engine, RunStopped, MissingWeightsError, default_family
-from fastgen.present import Board
+from fastgen.present import Board, Draft
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
-from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, CompareRequest, RequestError, check_family,
-                             check_guidance, check_steps, parse_size, shown)
+from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, REFINE_FIELDS, CompareRequest, RefineRequest,
+                             RequestError, check_family, check_guidance, check_steps, parse_size, shown)
 
 log = logging.getLogger("fastgen.app")
 
@@ -54,6 +54,11 @@ FILL_ON_OPEN = {"mini"}
 # Per panel slot (present.panel_slots(): every registered method), the event outputs are these, in this order.
 PANEL_OUTPUTS = ("image", "status", "caption", "code")
 RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "generate", "stop")
+# The refine area's per-method panels ("refine.<method>.<output>") and its shared outputs.
+REFINE_PANEL_OUTPUTS = ("column", "image", "status", "caption", "code")
+REFINE_OUTPUTS = ("refine_board", "tradeoff", "refine_left", "refine_right", "refine_slider", "refine_button",
+                  "refine_stop")
+MAX_UPLOAD = "16mb"  # one upload: the largest allowed image (2048 x 2048 RGB) as PNG is about 12.6 MB at worst
 
 def refused(error: RequestError) -> gr.Error:
     """Bad input: one INFO line (the field and why, never the whole value) and the message for the user."""
@@ -162,26 +167,28 @@ class Runs:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    def follow(self, board: Board, job, request: gr.Request | None) -> Iterator[dict]:
-        """Stream `job` into the board, then settle it: finished panels stay, the rest say why they stopped."""
+    def follow(self, board: Board, job, request: gr.Request | None, view=None) -> Iterator[dict]:
+        """Stream `job` into the board, then settle it: finished panels stay, the rest say why they stopped.
+        `view(board, changed, running, export)`: the updates for the board (default: the comparison's)."""
+        view = view or self.view
         session = request.session_hash if request else None
         stop = self.switches.arm(session)
         try:
             for event in present.stream(job, stop):
-                yield self.view(board, board.apply(event), running=True)
+                yield view(board, board.apply(event), running=True)
         except RunStopped:
-            yield self.view(board, board.fail("stopped", "Stopped"), running=False, export=True)
+            yield view(board, board.fail("stopped", "Stopped"), running=False, export=True)
             return
         except KNOWN_ERRORS as exc:  # the engine's errors say what was wrong and what is allowed
-            yield self.view(board, board.fail("failed", str(exc)), running=False, export=True)
+            yield view(board, board.fail("failed", str(exc)), running=False, export=True)
             raise failed(str(exc)) from None
         except Exception:
             log.exception("run failed: family=%s prompt=%s", board.family, shown(board.settings.prompt))
-            yield self.view(board, board.fail("failed", "Failed"), running=False, export=True)
+            yield view(board, board.fail("failed", "Failed"), running=False, export=True)
             raise failed("Something went wrong on the server; the error has been logged.") from None
         finally:
             self.switches.release(session, stop)
-        yield self.view(board, [], running=False, export=True)
+        yield view(board, [], running=False, export=True)
 
     def comparison(self, board: Board):
         """The board's finished panels as the engine's Comparison: the CLI's results.json and grid."""
@@ -221,6 +228,125 @@ class Runs:
                 raise
 
         return validated(check, fields)
+
+    # -- refine ---------------------------------------------------------------------------------------
+
+    def pick_draft(self, method: str, board: Board | None) -> dict:
+        """A panel's Refine button: its image becomes the refine source, with the run's prompt and seed; the
+        refine methods default to the draft's own and the reference; the Refine tab opens."""
+        panel = board.panels.get(method) if isinstance(board, Board) else None
+        if panel is None or panel.result is None:
+            raise failed("Generate first: Refine starts from a finished panel's image.")
+        result, fam = panel.result, get_family(board.family)
+        draft = Draft(board.family, result.image, method, result.label, result.seconds, board.settings.prompt,
+                      board.settings.seed)
+        methods = list(dict.fromkeys([method, *([fam.reference] if fam.reference else [])]))
+        out = {"tabs": gr.Tabs(selected="refine"), "draft": draft, "refine_board": None,
+               "editor": {"background": result.image, "layers": [], "composite": result.image},
+               "refine_prompt": board.settings.prompt,
+               "refine_methods": gr.CheckboxGroup(choices=method_choices(board.family), value=methods),
+               "strength": fam.method(method).refine.strength,
+               "draft_note": f"Source: the **{result.label}** draft ({result.seconds:.2f} s), seed {draft.seed}. "
+                             "Paint over it to inpaint; leave it unpainted to refine all of it.",
+               "tradeoff": "", "refine_slider": None}
+        out.update(self.refine_columns(board.family, methods))
+        return self.by_component(out)
+
+    def refine_columns(self, family: str, methods: list[str]) -> dict:
+        names = set(present.panel_methods(family))
+        out = {}
+        for method in self.slots:
+            on = method in names and method in (methods or [])
+            out[f"refine.{method}.column"] = gr.Column(visible=on)
+            if on:
+                out[f"refine.{method}.title"] = f"### {get_family(family).method(method).label}"
+        return out
+
+    def refine_request(self, family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
+                       resize, draft: Draft | None):
+        """The refine area's inputs as (RefineRequest, source image, mask or None), checked for every method as
+        the engine will run them. Raises RequestError."""
+        fam = check_family(draft.family if isinstance(draft, Draft) else family)
+        image, mask = editor_images(editor, draft if isinstance(draft, Draft) else None)
+        if image is None:
+            raise RequestError("image", "Choose a source: press Refine under a finished panel, or upload an image.")
+        req = RefineRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
+                                       strength=strength, methods=list(methods or []) or None,
+                                       keep_outside=keep_outside, resize=resize), family=fam)
+        if not methods:
+            raise RequestError("methods", "Choose at least one method to refine with.")
+        Engine.check_refine(fam, list(req.methods), image, mask, req.strength, keep_outside=req.keep_outside,
+                            resize=req.resize)
+        return req, image, mask
+
+    def validate_refine(self, family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
+                        resize, draft, refine_board, board) -> list:
+        fields = ["family", "image", "prompt", "negative_prompt", "seed", "strength", "methods", "keep_outside",
+                  "resize", "draft", "refine_board", "board"]
+
+        def check():
+            try:
+                self.refine_request(family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
+                                    resize, draft)
+            except RequestError as error:
+                if error.field in ("mask", "steps"):  # the mask is painted on the image; steps follow strength
+                    raise RequestError("image" if error.field == "mask" else "strength", str(error)) from None
+                raise
+
+        return validated(check, fields)
+
+    def refine(self, request: gr.Request, family: str, editor, prompt: str, negative_prompt: str, seed: float,
+               strength: float, methods: list[str], keep_outside: bool, resize: bool, draft: Draft | None,
+               refine_board: Board | None, board: Board | None) -> Iterator[dict]:
+        """Refine the source with each chosen method (same prompt, seed and strength), panel by panel."""
+        try:
+            req, image, mask = self.refine_request(family, editor, prompt, negative_prompt, seed, strength, methods,
+                                                   keep_outside, resize, draft)
+        except RequestError as error:
+            raise refused(error) from None
+        if not isinstance(draft, Draft) or draft.family != req.family.name:
+            draft = Draft(req.family.name, image)
+        baseline = reference_result(board, req.family.name)
+        settings = present.RunSettings(req.prompt, req.negative_prompt, req.seed)
+        recipes = {m: req.family.method(m).refine_recipe("img2img" if mask is None else "inpaint") for m in req.methods}
+        steps = {m: r.steps if r else 1 for m, r in recipes.items()}  # the run order: fewest UNet passes first
+        guidance = {m: r.guidance if r else 0.0 for m, r in recipes.items()}
+        rboard = Board.start(req.family.name, req.methods, steps, guidance, settings=settings)
+
+        def view(b, changed, running, export=False):
+            return self.refine_view(b, changed, running, draft, baseline)
+
+        yield {**view(rboard, list(rboard.panels), running=True),
+               **self.by_component(self.refine_columns(req.family.name, list(req.methods)))}
+
+        def job(on_step, stop):
+            return self.engine.iter_refine(req.family.name, image, req.prompt, rboard.order, mask=mask,
+                                           **req.engine_kwargs(), on_step=on_step, stop=stop)
+
+        yield from self.follow(rboard, job, request, view)
+
+    def refine_view(self, board: Board, changed: list[str], running: bool, draft: Draft, baseline) -> dict:
+        out = {"refine_board": board, "refine_button": gr.Button(interactive=not running),
+               "refine_stop": gr.Button(interactive=running)}
+        for method in changed:
+            panel = board.panels.get(method)
+            if panel is None or method not in self.slots:
+                continue
+            result = panel.result
+            out[f"refine.{method}.image"] = result.image if result is not None else None
+            out[f"refine.{method}.status"] = board.status_html(method)
+            out[f"refine.{method}.caption"] = present.refine_caption(result) if result is not None else ""
+            out[f"refine.{method}.code"] = result.code if result is not None else ""
+        out["tradeoff"] = present.tradeoff(draft, board, baseline)
+        if any(board.panels[m].state == "done" for m in changed if m in board.panels) or not running:
+            choices = present.refine_pair_choices(draft, board, baseline)
+            keys = [key for _, key in choices]
+            left = "draft" if "draft" in keys else None
+            right = next((k for k in keys if k not in ("draft", "baseline")), None)
+            out.update(refine_left=gr.Dropdown(choices=choices, value=left),
+                       refine_right=gr.Dropdown(choices=choices, value=right),
+                       refine_slider=present.refine_images(draft, board, baseline, left, right))
+        return self.by_component(out)
 
     def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> dict:
         """The updates for `board`, by output (see `bind`): changed panels get new values; an output that is not
@@ -297,6 +423,87 @@ def compare_api(engine: Engine, default: str):
     return compare, validate
 
 
+def refine_api(engine: Engine, default: str):
+    """The `refine` API endpoint and its validator: the image (and optional mask) as files, then REFINE_FIELDS
+    as keyword arguments; the refined images as PNG files and the results JSON out."""
+
+    def check(image, mask, values) -> RefineRequest:
+        req = RefineRequest.parse(dict(zip(REFINE_FIELDS, values)), family=default)
+        Engine.check_refine(req.family, list(req.methods), image, mask, req.strength, req.steps, req.guidance,
+                            req.keep_outside, req.resize)
+        return req
+
+    def validate(image, mask, *values) -> list:
+        return validated(lambda: check(image, mask, values), ["image", "mask", *REFINE_FIELDS])
+
+    @gpu_task
+    def refine(image, mask=None, prompt: str = "", seed: int = 0, negative_prompt: str | None = None,
+               methods: list[str] | None = None, family: str | None = None, steps: dict | None = None,
+               guidance: dict | None = None, strength: float | None = None, keep_outside: bool = False,
+               resize: bool = False):
+        """Refine `image` (RGB, sides multiples of 8) with `methods`: image-to-image, or inpainting where `mask`
+        (single channel, the image's size, white = repaint) is given. strength None: each method's default."""
+        values = (prompt, seed, negative_prompt, methods, family, steps, guidance, strength, keep_outside, resize)
+        try:
+            req = check(image, mask, values)
+        except RequestError as error:
+            raise refused(error) from None
+        try:
+            comparison = engine.refine_compare(req.family, image, req.prompt, list(req.methods), mask=mask,
+                                               **req.engine_kwargs())
+        except KNOWN_ERRORS as exc:
+            raise failed(str(exc)) from None
+        except Exception:
+            log.exception("refine failed: family=%s prompt=%s", req.family.name, shown(req.prompt))
+            raise failed("Something went wrong on the server; the error has been logged.") from None
+        if not comparison.results:
+            raise failed("; ".join(f"{f.label}: {f.message}" for f in comparison.failures))
+        gallery = [(r.image, f"{r.label}: strength {r.strength:g}, {r.denoising_steps} of {r.steps} steps, "
+                             f"{r.seconds:.2f} s") for r in comparison.results]
+        return gallery, comparison.to_dict()
+
+    return refine, validate
+
+
+def editor_images(editor, draft: Draft | None):
+    """(source, mask) from the image editor: the source is the draft's own image (exact pixels) unless the
+    visitor uploaded another; the mask is whatever was painted (any colour; alpha >= 128), None when nothing
+    was, at the source's size."""
+    import numpy as np
+    from PIL import Image
+
+    editor = editor or {}
+    background = editor.get("background") if isinstance(editor, dict) else None
+    source = draft.image if draft is not None else None
+    if source is None and isinstance(background, Image.Image):
+        if background.mode in ("RGBA", "LA", "P"):  # transparent pixels become white, not black
+            flat = Image.new("RGBA", background.size, "white")
+            flat.alpha_composite(background.convert("RGBA"))
+            background = flat
+        source = background.convert("RGB")
+    if source is None:
+        return None, None
+    painted = None  # the layers' alpha, all strokes together
+    for layer in (editor.get("layers") or []) if isinstance(editor, dict) else []:
+        if isinstance(layer, Image.Image):
+            alpha = np.asarray(layer.convert("RGBA"))[..., 3]
+            painted = alpha if painted is None or painted.shape != alpha.shape else np.maximum(painted, alpha)
+    if painted is None or painted.max() < 128:
+        return source, None
+    mask = Image.fromarray(np.where(painted >= 128, 255, 0).astype(np.uint8))
+    if mask.size != source.size:  # the canvas may show the image scaled
+        mask = mask.resize(source.size, Image.NEAREST)
+    return source, mask
+
+
+def reference_result(board: Board | None, family: str):
+    """The comparison's reference panel (the 50-step baseline) for `family`, if it has finished."""
+    if not isinstance(board, Board) or board.family != family:
+        return None
+    panel = board.panels.get(get_family(family).reference or "")
+    return panel.result if panel is not None else None
+
+
 CSS = """
 /* As many panels per row as fit at 240 px or more; the grid wraps the rest (N panels, any screen). */
 .fg-panels { display: grid !important; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 12px; }
@@ -329,44 +536,85 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         gr.Markdown("# ⚡ FastGen\nFast text-to-image methods side by side with the 50-step baseline: same prompt, "
                     "same seed, honest timings, and the code that reproduces each image.")
         gr.Markdown(f"⚠️ {notice}", visible=bool(notice), elem_classes="fg-notice")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True,
-                                    max_length=MAX_PROMPT_CHARS)
-                negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)",
-                                      max_length=MAX_PROMPT_CHARS)
-                examples = gr.Dataset(label="Examples", components=[prompt],
-                                      samples=[[p] for p in example_prompts(family)], samples_per_page=6)
-            with gr.Column(scale=2):
-                family_box = gr.Dropdown(selectable, value=family, label="Model family")
-                gr.Markdown(unavailable, visible=bool(unavailable), elem_classes="fg-note")
-                size = gr.Dropdown(present.size_choices(family), value=present.NATIVE, label="Size")
-                with gr.Row(equal_height=True):
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
-                    dice = gr.Button("Randomize", scale=1, min_width=90)
+        with gr.Tabs(selected="compare") as tabs:
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True,
+                                            max_length=MAX_PROMPT_CHARS)
+                        negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)",
+                                              max_length=MAX_PROMPT_CHARS)
+                        examples = gr.Dataset(label="Examples", components=[prompt],
+                                              samples=[[p] for p in example_prompts(family)], samples_per_page=6)
+                    with gr.Column(scale=2):
+                        family_box = gr.Dropdown(selectable, value=family, label="Model family")
+                        gr.Markdown(unavailable, visible=bool(unavailable), elem_classes="fg-note")
+                        size = gr.Dropdown(present.size_choices(family), value=present.NATIVE, label="Size")
+                        with gr.Row(equal_height=True):
+                            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
+                            dice = gr.Button("Randomize", scale=1, min_width=90)
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", scale=3)
+                            stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
+                        run_status = gr.Markdown(elem_classes="fg-note")
+
+                shown = gr.CheckboxGroup(method_choices(family), value=list(get_family(family).default_methods),
+                                         label="Methods", info="Add or remove panels: the reference is what speed-ups "
+                                                               "are measured against", elem_classes="fg-methods")
+                board = gr.State(None)
+                panels = {}
+                with gr.Row(elem_classes="fg-panels"):
+                    for method in runs.slots:
+                        panels[method] = PanelView(family, method)
+
+                with gr.Accordion("Compare two panels", open=True):
+                    with gr.Row():
+                        left = gr.Dropdown([], label="Left", scale=1)
+                        right = gr.Dropdown([], label="Right", scale=1)
+                    slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384,
+                                            slider_position=50, elem_classes="fg-compare")
                 with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", scale=3)
-                    stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
-                run_status = gr.Markdown(elem_classes="fg-note")
+                    grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
+                    json_file = gr.DownloadButton("Download results (JSON)", visible=False)
 
-        shown = gr.CheckboxGroup(method_choices(family), value=list(get_family(family).default_methods),
-                                 label="Methods", info="Add or remove panels: the reference is what speed-ups "
-                                                       "are measured against", elem_classes="fg-methods")
-        board = gr.State(None)
-        panels = {}
-        with gr.Row(elem_classes="fg-panels"):
-            for method in runs.slots:
-                panels[method] = PanelView(family, method)
-
-        with gr.Accordion("Compare two panels", open=True):
-            with gr.Row():
-                left = gr.Dropdown([], label="Left", scale=1)
-                right = gr.Dropdown([], label="Right", scale=1)
-            slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False, max_height=384,
-                                    slider_position=50, elem_classes="fg-compare")
-        with gr.Row():
-            grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
-            json_file = gr.DownloadButton("Download results (JSON)", visible=False)
+            with gr.Tab("Refine", id="refine"):
+                draft_note = gr.Markdown(DRAFT_NOTE, elem_classes="fg-note")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        editor = gr.ImageEditor(
+                            label="Source (paint where to repaint)", type="pil", image_mode="RGBA", format="png",
+                            sources=["upload", "clipboard"], transforms=(), layers=False, height=360,
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=6),
+                            elem_classes="fg-editor")
+                    with gr.Column(scale=2):
+                        refine_prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS)
+                        strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",
+                                             info="the share of the schedule redone: 0.3-0.6 keeps the draft's "
+                                                  "layout; a new colour or shape in a mask needs 0.8-1")
+                        refine_methods = gr.CheckboxGroup(method_choices(family), value=refine_default(family),
+                                                          label="Refine with")
+                        with gr.Row():
+                            keep_outside = gr.Checkbox(True, label="Keep outside the mask",
+                                                       info="paste the source back where nothing was painted")
+                            resize = gr.Checkbox(False, label="Resize to the method's size",
+                                                 info="longer side to the size it was trained at")
+                        with gr.Row():
+                            refine_button = gr.Button("Refine", variant="primary", scale=3)
+                            refine_stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
+                        refine_status = gr.Markdown(elem_classes="fg-note")
+                        tradeoff = gr.Markdown(elem_classes="fg-tradeoff")
+                refine_panels = {}
+                with gr.Row(elem_classes="fg-panels"):
+                    for method in runs.slots:
+                        refine_panels[method] = RefinePanelView(family, method, method in refine_methods.value)
+                with gr.Accordion("Compare draft, refined and baseline", open=True):
+                    with gr.Row():
+                        refine_left = gr.Dropdown([], label="Left", scale=1)
+                        refine_right = gr.Dropdown([], label="Right", scale=1)
+                    refine_slider = gr.ImageSlider(label="Drag to compare", type="pil", interactive=False,
+                                                   max_height=384, slider_position=50, elem_classes="fg-compare")
+                draft = gr.State(None)
+                refine_board = gr.State(None)
 
         # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
         with gr.Column(visible=False):
@@ -377,6 +625,15 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                 api_in = [gr.JSON(0 if name == "seed" else None, label=name) for name in FIELDS]
             api_out = [gr.Gallery(label="images", format="png"), gr.JSON(label="results")]  # PNG: lossless
             api_button = gr.Button()
+            # `refine`: the image and mask as files (modes kept as sent: the schema refuses what is not RGB / L)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                api_refine_in = [gr.Image(type="pil", image_mode=None, label="image"),
+                                 gr.Image(type="pil", image_mode=None, label="mask")]
+                api_refine_in += [gr.JSON(0 if name == "seed" else False if name in ("keep_outside", "resize")
+                                          else None, label=name) for name in REFINE_FIELDS]
+            api_refine_out = [gr.Gallery(label="images", format="png"), gr.JSON(label="results")]
+            api_refine_button = gr.Button()
 
         # -- wiring -----------------------------------------------------------------------------------
         slots = runs.slots
@@ -408,11 +665,47 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
               queue=False, api_visibility="private")
         ui = {**named, "size": size, "examples": examples, "prompt": prompt, "shown": shown}
         ui.update({f"{m}.{name}": c for m in slots for name, c in panels[m].parts().items()})
+        ui.update({f"refine.{m}.column": refine_panels[m].column for m in slots})
+        ui.update(refine_methods=refine_methods, draft=draft, refine_board=refine_board, tradeoff=tradeoff,
+                  refine_slider=refine_slider, draft_note=draft_note)
         family_box.change(family_handler(slots, ui), inputs=family_box, outputs=list(dict.fromkeys(ui.values())),
                           api_visibility="private")
         panel_switches = [c for m in slots for c in (panels[m].column, panels[m].toggle)]
         shown.input(shown_handler(slots, ui), inputs=[family_box, shown], outputs=panel_switches, queue=False,
                     api_visibility="private")
+        # -- refine ---------------------------------------------------------------------------------------
+        refine_named = {f"refine.{m}.{o}": getattr(refine_panels[m], o) for m in slots for o in REFINE_PANEL_OUTPUTS}
+        refine_named.update({f"refine.{m}.title": refine_panels[m].title for m in slots})
+        refine_named.update(refine_board=refine_board, tradeoff=tradeoff, refine_left=refine_left,
+                            refine_right=refine_right, refine_slider=refine_slider, refine_button=refine_button,
+                            refine_stop=refine_stop)
+        picked = dict(tabs=tabs, draft=draft, editor=editor, refine_prompt=refine_prompt, refine_methods=refine_methods,
+                      strength=strength, draft_note=draft_note)
+        runs.bind({**named, **refine_named, **picked})
+        refine_outputs = list(refine_named.values())
+        for method, panel in panels.items():
+            panel.refine.click(pick_draft_handler(runs, method), inputs=board,
+                               outputs=[*picked.values(), *refine_outputs], queue=False, api_visibility="private")
+        refine_button.click(gpu_task(runs.refine), inputs=[family_box, editor, refine_prompt, negative, seed, strength,
+                                                            refine_methods, keep_outside, resize, draft, refine_board,
+                                                            board],
+                            validator=runs.validate_refine, outputs=refine_outputs, concurrency_id=GPU,
+                            concurrency_limit=1, show_progress="minimal", show_progress_on=refine_status,
+                            api_name="refine_page", api_visibility="private")  # "refine" is the API's
+        refine_stop.click(runs.stop, queue=False, api_visibility="private")
+        editor.upload(lambda: (None, "Source: your upload. Paint over it to inpaint; leave it unpainted to refine all "
+                                     "of it."), outputs=[draft, draft_note], queue=False, api_visibility="private")
+        refine_methods.input(lambda fam, d, chosen: runs.by_component(
+                                 runs.refine_columns(d.family if isinstance(d, Draft) else fam, chosen)),
+                             inputs=[family_box, draft, refine_methods],
+                             outputs=[c for m in slots for c in (refine_panels[m].column, refine_panels[m].title)],
+                             queue=False, api_visibility="private")
+        gr.on([refine_left.input, refine_right.input], refine_pick, inputs=[draft, refine_board, board, refine_left,
+                                                                            refine_right],
+              outputs=refine_slider, queue=False, api_visibility="private")
+        api_refine, api_refine_validate = refine_api(engine, family)
+        api_refine_button.click(api_refine, inputs=api_refine_in, outputs=api_refine_out, api_name="refine",
+                                validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=1)
         api_compare, api_validate = compare_api(engine, family)
         api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
                          concurrency_id=GPU, concurrency_limit=1)
@@ -454,6 +747,7 @@ class PanelView:
             self.steps = gr.Slider(**steps_props(spec))
             self.guidance = gr.Slider(**guidance_props(spec))
             self.note = gr.Markdown(present.panel_note(spec, spec.guidance), elem_classes="fg-note")
+            self.refine = gr.Button("Refine this image", size="sm", elem_classes="fg-refine")
             with gr.Accordion("Code", open=False):
                 self.code = gr.Code(language="python", show_label=False, interactive=False)
 
@@ -461,6 +755,21 @@ class PanelView:
         """The panel's components by name: what the family switch updates."""
         return dict(column=self.column, title=self.title, toggle=self.toggle, image=self.image, status=self.status,
                     caption=self.caption, steps=self.steps, guidance=self.guidance, note=self.note, code=self.code)
+
+
+class RefinePanelView:
+    """The components of one method's refine panel: shown when the method is chosen to refine with."""
+
+    def __init__(self, family: str, method: str, visible: bool):
+        spec = panel_spec(family, method)
+        with gr.Column(elem_classes="fg-panel", variant="panel", visible=visible, min_width=200) as self.column:
+            self.title = gr.Markdown(f"### {spec.label if spec else method}")
+            self.image = gr.Image(type="pil", format="png", interactive=False, show_label=False, height=256,
+                                  buttons=["download", "fullscreen"], elem_classes="fg-image")
+            self.status = gr.HTML()
+            self.caption = gr.Markdown(elem_classes="fg-caption")
+            with gr.Accordion("Code", open=False):
+                self.code = gr.Code(language="python", show_label=False, interactive=False)
 
 
 def panel_spec(family: str, method: str):
@@ -504,6 +813,31 @@ def panel_note_handler(method: str):
     return note
 
 
+DRAFT_NOTE = ("Press **Refine this image** under a finished panel to refine it here, or upload an image. Paint over "
+              "it to inpaint that region; leave it unpainted to refine all of it.")
+
+
+def refine_default(family: str) -> list[str]:
+    """The methods an upload is refined with until a draft is picked: the reference (the 50-step baseline)."""
+    fam = get_family(family)
+    return [fam.reference or fam.default_methods[0]]
+
+
+def pick_draft_handler(runs: Runs, method: str):
+    def pick(board: Board | None):
+        return runs.pick_draft(method, board)
+    return pick
+
+
+def refine_pick(draft: Draft | None, refine_board: Board | None, board: Board | None, left: str | None,
+                right: str | None):
+    """The refine slider's pair, as the visitor chose it."""
+    family = draft.family if isinstance(draft, Draft) else None
+    return present.refine_images(draft if isinstance(draft, Draft) else None,
+                                 refine_board if isinstance(refine_board, Board) else None,
+                                 reference_result(board, family) if family else None, left, right)
+
+
 def rerun_handler(runs: Runs, method: str):
     def rerun(request: gr.Request, board: Board | None, enabled: bool, steps: float, guidance: float):
         yield from runs.rerun(method, request, board, enabled, steps, guidance)
@@ -522,7 +856,10 @@ def family_handler(slots: tuple[str, ...], ui: dict | None = None):
                    left=gr.Dropdown(choices=[], value=None), right=gr.Dropdown(choices=[], value=None),
                    grid_file=gr.DownloadButton(value=None, visible=False),
                    json_file=gr.DownloadButton(value=None, visible=False),
-                   shown=gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods)))
+                   shown=gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods)),
+                   refine_methods=gr.CheckboxGroup(choices=method_choices(family), value=refine_default(family)),
+                   draft=None, refine_board=None, tradeoff="", refine_slider=None, draft_note=DRAFT_NOTE)
+        out.update({f"refine.{m}.column": gr.Column(visible=m in refine_default(family)) for m in slots})
         for method in slots:
             spec = panel_spec(family, method)
             if spec is None:  # not this family's: hidden and off
@@ -553,7 +890,7 @@ def main(argv: list[str] | None = None) -> None:
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
     """Serve `app` the one way this project serves it: bounded queue, no share link, small uploads."""
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    return app.launch(server_name=host, server_port=port, share=False, max_file_size="1mb", theme=THEME, css=CSS,
+    return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS,
                       footer_links=["api"], **kwargs)
 
 

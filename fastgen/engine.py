@@ -577,6 +577,21 @@ class Engine:
         check_refine_steps(spec, recipe, steps, strength)
         return recipe, source, mask, strength, steps, guidance
 
+    @classmethod
+    def check_refine(cls, family: Family, methods: list[str], image, mask=None, strength=None, steps=None,
+                     guidance=None, keep_outside=False, resize=False) -> dict[str, NotAvailable]:
+        """Check a refine's inputs for each of `methods` (steps / guidance: {method: value}) without running
+        anything: raises RequestError on the first bad one; returns the methods that cannot refine in this mode,
+        with why."""
+        unavailable = {}
+        for name in methods:
+            try:
+                cls._refine_args(family, family.method(name), image, mask, strength, (steps or {}).get(name),
+                                 (guidance or {}).get(name), keep_outside, resize)
+            except NotAvailable as error:
+                unavailable[name] = error
+        return unavailable
+
     def iter_refine(self, family: str | Family, image, prompt: str, methods: list[str] | None = None, *,
                     mask=None, strength: float | None = None, steps: dict[str, int] | None = None,
                     guidance: dict[str, float] | None = None, negative_prompt: str = "", seed: int = 0,
@@ -593,13 +608,7 @@ class Engine:
         check_int("seed", seed, 0, MAX_SEED)
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)
-        unavailable = {}
-        for name in methods:
-            try:
-                self._refine_args(family, family.method(name), image, mask, strength, steps.get(name),
-                                  guidance.get(name), keep_outside, resize)
-            except NotAvailable as error:
-                unavailable[name] = error
+        unavailable = self.check_refine(family, methods, image, mask, strength, steps, guidance, keep_outside, resize)
         for name in methods:
             spec = family.method(name)
             try:

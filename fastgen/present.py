@@ -404,3 +404,82 @@ def prune(directory: Path, max_age_seconds: float) -> None:
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refine: a draft, refined by several methods, against the 50-step baseline.
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The image a refine starts from: a finished panel's (with its method, time, prompt and seed), or an upload
+    (method None)."""
+
+    family: str
+    image: Any
+    method: str | None = None
+    label: str = "Upload"
+    seconds: float = 0.0
+    prompt: str = ""
+    seed: int = 0
+
+
+def refine_caption(result) -> str:
+    """A refine panel's caption (Markdown): strength, the steps that ran, guidance, time, the outside's drift."""
+    ran = result.denoising_steps
+    parts = [f"strength **{result.strength:g}**",
+             f"**{ran}** of {result.steps} step{'s' if result.steps != 1 else ''} run",
+             f"guidance **{result.guidance:g}**", f"**{result.seconds:.2f} s**"]
+    lines = [" · ".join(parts)]
+    change = result.outside_change
+    if change is not None:
+        kept = "kept" if change["kept"] else f"moved {change['mean']:.1f} on average, {change['max']} at most (0-255)"
+        lines.append(f"<small>outside the mask: {kept}</small>")
+    if result.load_seconds >= 0.05:
+        lines.append(f"<small>first load {result.load_seconds:.1f} s, not counted</small>")
+    lines += [f"⚠️ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
+
+def tradeoff(draft: Draft | None, board: Board | None, baseline) -> str:
+    """The claim in numbers (Markdown): draft + refine seconds for each refined panel, next to the baseline's own
+    text-to-image time (`baseline`: its MethodResult from the comparison, or None)."""
+    if draft is None or board is None:
+        return ""
+    done = [p.result for p in board.panels.values() if p.result is not None]
+    if not done:
+        return ""
+    lines = []
+    for result in done:
+        total = draft.seconds + result.seconds
+        lines.append(f"- {draft.label} draft {draft.seconds:.2f} s + {result.label} refine {result.seconds:.2f} s = "
+                     f"**{total:.2f} s**")
+    if baseline is not None:
+        lines.append(f"- {baseline.label} alone, {baseline.steps} steps: **{baseline.seconds:.2f} s**")
+    else:
+        lines.append("- the baseline's own time: run it in the comparison to see it here")
+    return "**Draft + refine vs the baseline**\n\n" + "\n".join(lines)
+
+
+def refine_pair_choices(draft: Draft | None, board: Board | None, baseline) -> list[tuple[str, str]]:
+    """What the refine slider can show: the draft, each refined image, the baseline's text-to-image image."""
+    choices = [(f"Draft ({draft.label})", "draft")] if draft is not None else []
+    if board is not None:
+        choices += [(f"{p.result.label}, refined", m) for m, p in board.panels.items() if p.result is not None]
+    if baseline is not None:
+        choices.append((f"{baseline.label}, {baseline.steps} steps (text-to-image)", "baseline"))
+    return choices
+
+
+def refine_images(draft: Draft | None, board: Board | None, baseline, left: str | None, right: str | None):
+    """(left, right) images for the refine slider, or None until both exist."""
+    def image(key):
+        if key == "draft":
+            return draft.image if draft is not None else None
+        if key == "baseline":
+            return baseline.image if baseline is not None else None
+        panel = board.panels.get(key) if board is not None and key else None
+        return panel.result.image if panel is not None and panel.result is not None else None
+
+    images = (image(left), image(right))
+    return images if all(i is not None for i in images) else None

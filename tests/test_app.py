@@ -40,6 +40,10 @@ class FakeResult:
     code: str = ""
     width: int = 64
     height: int = 64
+    denoising_steps: int | None = None
+    mode: str = "text2img"
+    strength: float | None = None
+    outside_change: dict | None = None
 
     def to_dict(self):
         return {k: v for k, v in self.__dict__.items() if k != "image"}
@@ -80,7 +84,27 @@ class FakeEngine:
         return self.comparison(family, prompt, results, negative_prompt=kw.get("negative_prompt", ""),
                                seed=kw.get("seed", 0))
 
-    def comparison(self, family, prompt, results, *, negative_prompt="", seed=0):
+    def iter_refine(self, family, image, prompt, methods=None, *, mask=None, strength=None, steps=None,
+                    guidance=None, on_step=None, stop=None, seed=0, **kw):
+        """Refines as the real engine reports them: each method's strength, the steps that ran; the image is the
+        method's colour over the source (so a test sees which method drew it)."""
+        for m in methods:
+            recipe = get_family(family).method(m).refine_recipe("inpaint" if mask is not None else "img2img")
+            s = recipe.strength if strength is None else strength
+            self.calls.append(("refine", m, prompt, seed, s, mask is not None, image.size))
+            ran = recipe.denoising_steps(recipe.steps, s)
+            for i in range(ran):
+                if stop is not None and stop.is_set():
+                    raise RunStopped(f"{m} stopped at step {i}")
+                time.sleep(self.step_seconds)
+                on_step and on_step(m, i + 1, ran)
+            out = Image.blend(image, Image.new("RGB", image.size, COLORS[m]), 0.5)
+            yield FakeResult(m, get_family(family).method(m).label, out, recipe.steps, recipe.guidance, False,
+                             0.01 * ran, 100.0, code=f"# refine {m}", width=image.width, height=image.height,
+                             denoising_steps=ran, mode=recipe.mode, strength=s,
+                             outside_change=None if mask is None else {"mean": 0.0, "max": 0, "kept": True})
+
+    def comparison(self, family, prompt, results, *, negative_prompt="", seed=0, **kw):
         return Comparison(family, prompt, negative_prompt, seed, "cpu", "float32", results, [])
 
 
@@ -377,12 +401,13 @@ def test_model_work_shares_one_gpu_slot():
     """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
     gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]
     fills_on_open = app.pick_family()[0] in app.FILL_ON_OPEN  # then generate also runs as the page loads
-    assert len(gpu) == 2 + len(SLOTS) + fills_on_open  # generate, compare, one rerun per panel slot
+    # generate, compare, refine (page and API), one rerun per panel slot
+    assert len(gpu) == 4 + len(SLOTS) + fills_on_open
     assert all(f.concurrency_limit == 1 for f in gpu)
-    compare = next(f for f in gpu if f.api_name == "compare")
-    assert compare.api_visibility == "public"
+    for name in ("compare", "refine"):
+        assert next(f for f in gpu if f.api_name == name).api_visibility == "public"
     public = {f.api_name for f in app.demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"compare"}
+    assert public == {"compare", "refine"}
 
 
 def test_example_script_runs(fake_mini, tmp_path, monkeypatch, capsys):
@@ -426,3 +451,86 @@ def test_the_compare_pair_the_user_picked_survives_the_next_run(runs):
     updates = [named(u) for u in runs.generate(None, "mini", "a blue square", "", 3, "native", board, *defaults())]
     pairs = {(u["left"].value, u["right"].value) for u in updates if changed(u["left"])}
     assert pairs == {("lcm", "lcm-lora")}  # kept as each panel finished, not reset
+
+
+# --- refine -----------------------------------------------------------------------------------------------
+
+REFINE_NAMES = ([f"refine.{m}.{o}" for m in SLOTS for o in (*app.REFINE_PANEL_OUTPUTS, "title")]
+                + list(app.REFINE_OUTPUTS))
+
+
+def refine(runs, board, editor=None, methods=("turbo", "baseline"), strength=0.5, draft=None, prompt="a red square"):
+    updates = list(runs.refine(None, "mini", editor, prompt, "", 7, strength, list(methods), True, False, draft,
+                               None, board))
+    assert all(set(u) <= set(REFINE_NAMES) for u in updates), set().union(*updates) - set(REFINE_NAMES)
+    return updates
+
+
+def test_refine_this_image_opens_the_refine_tab_with_the_draft(runs):
+    board = generate(runs)[-1]["board"]
+    out = runs.pick_draft("turbo", board)
+    assert out["tabs"].selected == "refine"
+    draft = out["draft"]
+    assert (draft.method, draft.prompt, draft.seed) == ("turbo", "a large red circle on a blue background", 7)
+    assert draft.image is board.panels["turbo"].result.image and out["editor"]["background"] is draft.image
+    assert out["refine_methods"].value == ["turbo", "baseline"]  # its own method and the reference
+    assert out["strength"] == get_family("mini").method("turbo").refine.strength
+    assert out["refine.turbo.column"].visible and out["refine.baseline.column"].visible
+    assert not out["refine.lcm.column"].visible
+    with pytest.raises(gr.Error, match="Generate first"):
+        runs.pick_draft("turbo", None)
+
+
+def test_refine_streams_panels_with_the_steps_run_and_the_tradeoff(runs):
+    board = generate(runs)[-1]["board"]
+    draft = runs.pick_draft("turbo", board)["draft"]
+    updates = refine(runs, board, {"background": draft.image, "layers": []}, draft=draft)
+    assert updates[0]["refine_button"].interactive is False
+    final = updates[-1]
+    rboard = final["refine_board"]
+    assert [rboard.panels[m].state for m in ("turbo", "baseline")] == ["done", "done"]
+    assert runs.engine.calls[-2:] == [("refine", "turbo", "a red square", 7, 0.5, False, (64, 64)),
+                                      ("refine", "baseline", "a red square", 7, 0.5, False, (64, 64))]
+    caption = next(u["refine.turbo.caption"] for u in reversed(updates) if "refine.turbo.caption" in u)
+    assert "strength **0.5**" in caption and "**1** of 2 steps run" in caption
+    # draft 0.01 s + refine 0.01 s against the baseline's own 50-step time (1.00 s with CFG in the fake)
+    assert "Turbo draft 0.01 s + Turbo refine 0.01 s = **0.02 s**" in final["tradeoff"]
+    assert "Baseline alone, 50 steps: **1.00 s**" in final["tradeoff"]
+    assert final["refine_left"].value == "draft" and final["refine_right"].value == "turbo"
+    assert final["refine_slider"][0] is draft.image
+
+
+def test_a_painted_stroke_inpaints_and_an_upload_is_refined_as_it_is(runs):
+    board = generate(runs)[-1]["board"]
+    draft = runs.pick_draft("lcm", board)["draft"]
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (10, 10, 30, 30))
+    refine(runs, board, {"background": draft.image, "layers": [layer]}, methods=["lcm"], strength=0.9, draft=draft)
+    assert runs.engine.calls[-1][5] is True  # a mask went to the engine
+    source, mask = app.editor_images({"background": draft.image, "layers": [layer.resize((128, 128))]}, draft)
+    assert mask.size == (64, 64) and mask.getpixel((20, 20)) == 255 and mask.getpixel((40, 40)) == 0
+    upload = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: refined as white, not black
+    source, mask = app.editor_images({"background": upload, "layers": []}, None)
+    assert source.mode == "RGB" and source.getpixel((0, 0)) == (255, 255, 255) and mask is None
+
+
+@pytest.mark.parametrize("editor, kwargs, field, message", [
+    (None, {}, "image", "Choose a source"),
+    ("draft", {"methods": []}, "methods", "at least one method"),
+    ("draft", {"strength": 0.0}, "strength", r"in \(0, 1\]"),
+    ("draft", {"methods": ["turbo"], "strength": 0.2}, "strength", "at least 0.25"),
+    ("odd", {}, "image", "multiple of 8"),
+])
+def test_refine_validator_marks_the_field(runs, editor, kwargs, field, message):
+    board = generate(runs)[-1]["board"]
+    draft = runs.pick_draft("turbo", board)["draft"] if editor == "draft" else None
+    value = {"background": Image.new("RGB", (60, 64)), "layers": []} if editor == "odd" else None
+    args = dict(methods=["turbo", "baseline"], strength=0.5)
+    args.update(kwargs)
+    verdicts = runs.validate_refine("mini", value, "a red square", "", 7, args["strength"], args["methods"], True,
+                                    False, draft, None, board)
+    fields = ["family", "image", "prompt", "negative_prompt", "seed", "strength", "methods", "keep_outside",
+              "resize", "draft", "refine_board", "board"]
+    bad = [f for f, v in zip(fields, verdicts) if not v["is_valid"]]
+    assert bad == [field]
+    assert __import__("re").search(message, verdicts[fields.index(field)]["message"])

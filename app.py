@@ -264,10 +264,11 @@ class Runs:
 
     def refine_request(self, family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
                        resize, draft: Draft | None):
-        """The refine area's inputs as (RefineRequest, source image, mask or None), checked for every method as
-        the engine will run them. Raises RequestError."""
-        fam = check_family(draft.family if isinstance(draft, Draft) else family)
-        image, mask = editor_images(editor, draft if isinstance(draft, Draft) else None)
+        """The refine area's inputs as (RefineRequest, source image, mask or None, the draft or None for an
+        upload), checked for every method as the engine will run them. Raises RequestError."""
+        draft = draft if isinstance(draft, Draft) else None
+        fam = check_family(draft.family if draft is not None else family)
+        image, mask, from_draft = editor_images(editor, draft if isinstance(draft, Draft) else None)
         if image is None:
             raise RequestError("image", "Choose a source: press Refine under a finished panel, or upload an image.")
         req = RefineRequest.parse(dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed,
@@ -277,7 +278,7 @@ class Runs:
             raise RequestError("methods", "Choose at least one method to refine with.")
         Engine.check_refine(fam, list(req.methods), image, mask, req.strength, keep_outside=req.keep_outside,
                             resize=req.resize)
-        return req, image, mask
+        return req, image, mask, draft if from_draft else None
 
     def validate_refine(self, family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
                         resize, draft, refine_board, board) -> list:
@@ -300,12 +301,11 @@ class Runs:
                refine_board: Board | None, board: Board | None) -> Iterator[dict]:
         """Refine the source with each chosen method (same prompt, seed and strength), panel by panel."""
         try:
-            req, image, mask = self.refine_request(family, editor, prompt, negative_prompt, seed, strength, methods,
-                                                   keep_outside, resize, draft)
+            req, image, mask, draft = self.refine_request(family, editor, prompt, negative_prompt, seed, strength,
+                                                          methods, keep_outside, resize, draft)
         except RequestError as error:
             raise refused(error) from None
-        if not isinstance(draft, Draft) or draft.family != req.family.name:
-            draft = Draft(req.family.name, image)
+        draft = draft or Draft(req.family.name, image)  # an upload: no draft time to add
         baseline = reference_result(board, req.family.name)
         settings = present.RunSettings(req.prompt, req.negative_prompt, req.seed)
         recipes = {m: req.family.method(m).refine_recipe("img2img" if mask is None else "inpaint") for m in req.methods}
@@ -466,34 +466,38 @@ def refine_api(engine: Engine, default: str):
 
 
 def editor_images(editor, draft: Draft | None):
-    """(source, mask) from the image editor: the source is the draft's own image (exact pixels) unless the
-    visitor uploaded another; the mask is whatever was painted (any colour; alpha >= 128), None when nothing
-    was, at the source's size."""
+    """(source, mask, from_draft) from the image editor. The source is the draft's own image (exact pixels) while
+    the editor still shows it, else the visitor's upload (transparency flattened on white); the mask is whatever
+    was painted (any colour; alpha >= 128) at the source's size, None when nothing was."""
     import numpy as np
     from PIL import Image
 
-    editor = editor or {}
-    background = editor.get("background") if isinstance(editor, dict) else None
-    source = draft.image if draft is not None else None
-    if source is None and isinstance(background, Image.Image):
+    editor = editor if isinstance(editor, dict) else {}
+    background = editor.get("background")
+    source = None
+    if isinstance(background, Image.Image):
         if background.mode in ("RGBA", "LA", "P"):  # transparent pixels become white, not black
             flat = Image.new("RGBA", background.size, "white")
             flat.alpha_composite(background.convert("RGBA"))
             background = flat
         source = background.convert("RGB")
+    from_draft = draft is not None and (source is None or (
+        source.size == draft.image.size and np.array_equal(np.asarray(source), np.asarray(draft.image.convert("RGB")))))
+    if from_draft:
+        source = draft.image
     if source is None:
-        return None, None
+        return None, None, False
     painted = None  # the layers' alpha, all strokes together
     for layer in (editor.get("layers") or []) if isinstance(editor, dict) else []:
         if isinstance(layer, Image.Image):
             alpha = np.asarray(layer.convert("RGBA"))[..., 3]
             painted = alpha if painted is None or painted.shape != alpha.shape else np.maximum(painted, alpha)
     if painted is None or painted.max() < 128:
-        return source, None
+        return source, None, from_draft
     mask = Image.fromarray(np.where(painted >= 128, 255, 0).astype(np.uint8))
     if mask.size != source.size:  # the canvas may show the image scaled
         mask = mask.resize(source.size, Image.NEAREST)
-    return source, mask
+    return source, mask, from_draft
 
 
 def reference_result(board: Board | None, family: str):
@@ -578,7 +582,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     json_file = gr.DownloadButton("Download results (JSON)", visible=False)
 
             with gr.Tab("Refine", id="refine"):
-                draft_note = gr.Markdown(DRAFT_NOTE, elem_classes="fg-note")
+                draft_note = gr.Markdown(DRAFT_NOTE, elem_classes=["fg-note", "fg-draft"])
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
                         editor = gr.ImageEditor(
@@ -599,7 +603,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                             resize = gr.Checkbox(False, label="Resize to the method's size",
                                                  info="longer side to the size it was trained at")
                         with gr.Row():
-                            refine_button = gr.Button("Refine", variant="primary", scale=3)
+                            refine_button = gr.Button("Refine", variant="primary", scale=3, elem_id="fg-refine-run")
                             refine_stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
                         refine_status = gr.Markdown(elem_classes="fg-note")
                         tradeoff = gr.Markdown(elem_classes="fg-tradeoff")
@@ -693,8 +697,6 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                             concurrency_limit=1, show_progress="minimal", show_progress_on=refine_status,
                             api_name="refine_page", api_visibility="private")  # "refine" is the API's
         refine_stop.click(runs.stop, queue=False, api_visibility="private")
-        editor.upload(lambda: (None, "Source: your upload. Paint over it to inpaint; leave it unpainted to refine all "
-                                     "of it."), outputs=[draft, draft_note], queue=False, api_visibility="private")
         refine_methods.input(lambda fam, d, chosen: runs.by_component(
                                  runs.refine_columns(d.family if isinstance(d, Draft) else fam, chosen)),
                              inputs=[family_box, draft, refine_methods],
@@ -762,7 +764,8 @@ class RefinePanelView:
 
     def __init__(self, family: str, method: str, visible: bool):
         spec = panel_spec(family, method)
-        with gr.Column(elem_classes="fg-panel", variant="panel", visible=visible, min_width=200) as self.column:
+        with gr.Column(elem_classes=["fg-panel", "fg-refine-panel"], variant="panel", visible=visible,
+                       min_width=200) as self.column:
             self.title = gr.Markdown(f"### {spec.label if spec else method}")
             self.image = gr.Image(type="pil", format="png", interactive=False, show_label=False, height=256,
                                   buttons=["download", "fullscreen"], elem_classes="fg-image")

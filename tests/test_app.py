@@ -507,11 +507,14 @@ def test_a_painted_stroke_inpaints_and_an_upload_is_refined_as_it_is(runs):
     layer.paste((255, 255, 255, 255), (10, 10, 30, 30))
     refine(runs, board, {"background": draft.image, "layers": [layer]}, methods=["lcm"], strength=0.9, draft=draft)
     assert runs.engine.calls[-1][5] is True  # a mask went to the engine
-    source, mask = app.editor_images({"background": draft.image, "layers": [layer.resize((128, 128))]}, draft)
+    source, mask, from_draft = app.editor_images({"background": draft.image.convert("RGBA"),
+                                                  "layers": [layer.resize((128, 128))]}, draft)
+    assert source is draft.image and from_draft
     assert mask.size == (64, 64) and mask.getpixel((20, 20)) == 255 and mask.getpixel((40, 40)) == 0
     upload = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: refined as white, not black
-    source, mask = app.editor_images({"background": upload, "layers": []}, None)
+    source, mask, from_draft = app.editor_images({"background": upload, "layers": []}, draft)
     assert source.mode == "RGB" and source.getpixel((0, 0)) == (255, 255, 255) and mask is None
+    assert not from_draft  # another image replaced the draft: refined as an upload
 
 
 @pytest.mark.parametrize("editor, kwargs, field, message", [

@@ -66,14 +66,16 @@ def page(url, browser):
     page.close()
 
 
-def panel(page, label: str):
-    """A panel located by its title (### Turbo, ### LCM, ...)."""
-    return page.locator(".fg-panel").filter(has=page.get_by_role("heading", name=label, exact=True))
+def panel(page, label: str, refine: bool = False):
+    """A comparison panel (or with `refine`, a refine panel) located by its title (### Turbo, ### LCM, ...)."""
+    kind = ".fg-refine-panel" if refine else ".fg-panel:not(.fg-refine-panel)"
+    return page.locator(kind).filter(has=page.get_by_role("heading", name=label, exact=True))
 
 
 def test_page_opens_with_the_four_panels_filled(page):
     """On the mini family the first example runs as the page opens: no empty frames on arrival."""
-    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 4", timeout=90_000)
+    page.wait_for_function("document.querySelectorAll('.fg-panel:not(.fg-refine-panel) .fg-image img').length === 4",
+                           timeout=90_000)
     playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
                                                                                           timeout=90_000)
     playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
@@ -92,7 +94,8 @@ def test_generate_fills_four_panels(page, tmp_path):
     # Done when every panel shows a new image and the baseline, which runs last, has its caption.
     playwright.expect(panel(page, "Turbo").locator(".fg-image img")).not_to_have_attribute("src", before,
                                                                                           timeout=90_000)
-    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 4", timeout=90_000)
+    page.wait_for_function("document.querySelectorAll('.fg-panel:not(.fg-refine-panel) .fg-image img').length === 4",
+                           timeout=90_000)
     baseline = panel(page, "Baseline")
     playwright.expect(baseline.locator(".block.fg-caption")).to_contain_text("reference", timeout=90_000)
     playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
@@ -132,6 +135,35 @@ def test_slider_reruns_one_panel_and_stop_keeps_the_rest(page):
     playwright.expect(panel(page, "Turbo").locator(".block.fg-caption")).to_contain_text("1 step")
 
 
+def test_refine_a_panel_with_a_painted_stroke(page, tmp_path):
+    """Refine this image -> the Refine tab with the draft; a brush stroke makes it an inpainting; the refine
+    panels (the draft's method and the baseline) fill with the steps that ran and the outside kept."""
+    panel(page, "Turbo").get_by_role("button", name="Refine this image").click()
+    editor = page.locator(".fg-editor")
+    playwright.expect(editor.locator("canvas").first).to_be_visible(timeout=30_000)
+    playwright.expect(page.locator(".block.fg-draft")).to_contain_text("the Turbo draft")
+    editor.get_by_label("Brush", exact=True).click()
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y)
+    page.mouse.down()
+    for dx in range(-40, 41, 8):
+        page.mouse.move(x + dx, y + dx / 4)
+    page.mouse.up()
+    page.get_by_label("Strength").last.fill("0.9")  # the number box beside the slider
+    page.locator("#fg-refine-run").click()
+    for label in ("Turbo", "Baseline"):
+        caption = panel(page, label, refine=True).locator(".block.fg-caption")
+        playwright.expect(caption).to_contain_text("steps run", timeout=90_000)
+        playwright.expect(caption).to_contain_text("outside the mask: kept")  # a stroke: inpainting
+        playwright.expect(caption).to_contain_text("strength 0.9")
+    playwright.expect(page.locator(".block.fg-tradeoff")).to_contain_text("Baseline alone, 50 steps")
+    playwright.expect(page.locator("#fg-refine-run")).to_be_enabled()
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(Path(os.environ.get("FASTGEN_SCREENSHOT_DIR") or tmp_path) / "screenshot-refine.png"),
+                    full_page=True)
+
+
 # --- N panels: the page built from the registry, on the fake Hub's sdxl family (seven methods) ----------------
 
 @pytest.fixture(scope="module")
@@ -142,6 +174,9 @@ def sdxl_url(fake_hub):
     demo.close()
 
 
+COMPARE_PANELS = ".fg-panel:not(.fg-refine-panel):visible"
+
+
 def shots(name: str, tmp_path: Path) -> Path:
     """Where a layout screenshot goes: FASTGEN_SCREENSHOT_DIR (e.g. docs/) when set, else the test's tmp."""
     return Path(os.environ.get("FASTGEN_SCREENSHOT_DIR") or tmp_path) / name
@@ -149,7 +184,7 @@ def shots(name: str, tmp_path: Path) -> Path:
 
 def rows(page) -> list[list[dict]]:
     """The visible panels' boxes grouped into rows by their top edge."""
-    boxes = [b for b in (p.bounding_box() for p in page.locator(".fg-panel").all()) if b and b["width"] > 0]
+    boxes = [b for b in (p.bounding_box() for p in page.locator(COMPARE_PANELS).all()) if b and b["width"] > 0]
     grouped: dict[int, list[dict]] = {}
     for box in boxes:
         grouped.setdefault(round(box["y"] / 10), []).append(box)
@@ -159,17 +194,18 @@ def rows(page) -> list[list[dict]]:
 def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(sdxl_url)
-    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(4, timeout=30_000)  # opens with the known four
+    playwright.expect(page.locator(COMPARE_PANELS)).to_have_count(4, timeout=30_000)  # opens with the known four
     for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
-        page.get_by_label(label, exact=True).check()
-    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(7, timeout=30_000)
+        page.locator(".fg-methods").get_by_label(label, exact=True).check()
+    playwright.expect(page.locator(COMPARE_PANELS)).to_have_count(7, timeout=30_000)
     page.get_by_label("Size").click()
     page.get_by_role("option", name="512×512 for all").click()
     page.get_by_label("Prompt", exact=True).fill("a red circle")
     page.get_by_role("button", name="Generate").click()
     playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
                                                                                           timeout=240_000)
-    page.wait_for_function("document.querySelectorAll('.fg-panel .fg-image img').length === 7", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.fg-panel:not(.fg-refine-panel) .fg-image img').length === 7",
+                           timeout=60_000)
     for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
         playwright.expect(panel(page, label).locator(".block.fg-caption")).to_contain_text("faster")
     wide = rows(page)
@@ -185,6 +221,6 @@ def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, br
     assert all(box["x"] + box["width"] <= 600 for row in narrow for box in row)  # nothing off-screen
     page.screenshot(path=str(shots("screenshot-narrow.png", tmp_path)), full_page=True)
 
-    page.get_by_label("DMD2", exact=True).uncheck()
-    playwright.expect(page.locator(".fg-panel:visible")).to_have_count(6, timeout=30_000)
+    page.locator(".fg-methods").get_by_label("DMD2", exact=True).uncheck()
+    playwright.expect(page.locator(COMPARE_PANELS)).to_have_count(6, timeout=30_000)
     page.close()

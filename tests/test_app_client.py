@@ -76,12 +76,14 @@ def test_bad_input_is_an_error_with_the_engines_message(served):
                                            api_name="/compare")
 
 
-def test_only_compare_is_public(served):
+def test_only_compare_and_refine_are_public(served):
     url, _ = served
     info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
-    assert list(info["named_endpoints"]) == ["/compare"]
+    assert sorted(info["named_endpoints"]) == ["/compare", "/refine"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/compare"]["parameters"]]
     assert params[:6] == ["prompt", "seed", "negative_prompt", "methods", "width", "height"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/refine"]["parameters"]]
+    assert params[:4] == ["image", "mask", "prompt", "seed"] and params[-3:] == ["strength", "keep_outside", "resize"]
 
 
 def test_a_full_queue_says_the_demo_is_busy(monkeypatch):
@@ -195,6 +197,40 @@ def test_api_images_are_png_and_equal_the_engines_exactly(served, fake_mini):
         assert np.array_equal(served_pixels, np.asarray(own.image.convert("RGB"))), result["method"]
 
 
+def test_refine_api_inpaints_losslessly_equal_to_the_engine_and_refuses_bad_files(served, fake_mini, tmp_path):
+    import numpy as np
+    from gradio_client import handle_file
+
+    from tests.test_refine import centre_mask, source_image
+
+    url, _ = served
+    source_image().save(tmp_path / "draft.png")
+    centre_mask().save(tmp_path / "mask.png")
+    client = Client(url, verbose=False)
+    images, results = client.predict(handle_file(str(tmp_path / "draft.png")), handle_file(str(tmp_path / "mask.png")),
+                                     prompt="a green circle", seed=5, methods=["turbo", "baseline"],
+                                     steps={"baseline": 10}, strength=0.9, keep_outside=True, api_name="/refine")
+    assert (results["mode"], results["strength"], len(results["source_sha256"])) == ("inpaint", 0.9, 64)
+    engine = Engine(device="cpu")
+    for item, result in zip(images, results["results"]):
+        own = engine.refine(fake_mini, result["method"], source_image(), "a green circle", mask=centre_mask(),
+                            seed=5, steps=result["steps"], strength=0.9, keep_outside=True)
+        with Image.open(item["image"]) as image:
+            assert image.format == "PNG"
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(own.image)), result["method"]
+        assert result["denoising_steps"] == own.denoising_steps and result["outside_change"]["max"] == 0
+    source_image().convert("RGBA").save(tmp_path / "alpha.png")
+    with pytest.raises(Exception, match="must be an RGB image"):
+        client.predict(handle_file(str(tmp_path / "alpha.png")), None, prompt="x", api_name="/refine")
+    with pytest.raises(Exception, match="the image's size 64x64"):
+        centre_mask(32).save(tmp_path / "small.png")
+        client.predict(handle_file(str(tmp_path / "draft.png")), handle_file(str(tmp_path / "small.png")),
+                       prompt="x", api_name="/refine")
+    with pytest.raises(Exception, match=r"int\(1 x 0.5\) = 0"):
+        client.predict(handle_file(str(tmp_path / "draft.png")), None, prompt="x", methods=["turbo"],
+                       steps={"turbo": 1}, api_name="/refine")
+
+
 def test_the_code_field_names_no_server_path(served):
     from fastgen.mini import WEIGHTS
 
@@ -238,12 +274,13 @@ def test_files_outside_the_apps_outputs_are_refused(served, fake_mini):
 
 
 def test_public_hosting_settings(served):
-    """What a public Space must hold: no share link, no server errors shown to visitors, a 1 MB upload cap,
+    """What a public Space must hold: no share link, no server errors shown to visitors, a 16 MB upload cap (one
+    2048 x 2048 PNG to refine),
     generated files deleted after an hour, no usage analytics, a bounded queue."""
     _, demo = served
     assert demo.share is False and demo.share_url is None
     assert demo.show_error is False
-    assert demo.max_file_size == 2**20  # "1mb" in Gradio's units
+    assert demo.max_file_size == 16 * 2**20  # "16mb" in Gradio's units
     assert demo.delete_cache == (app.EXPORT_MAX_AGE, app.EXPORT_MAX_AGE)
     assert demo.analytics_enabled is False
     assert demo._queue.max_size == app.QUEUE_SIZE

@@ -141,3 +141,21 @@ def test_cli_evaluate_prints_both_splits(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("seen", "held-out"))}
     assert set(rows) == {"seen", "held-out"} and all(row[1] == "2" for row in rows.values())
     assert main(["evaluate", "--family", "sdxl", "--method", "lcm"]) == 2  # only the mini world has an analyzer
+
+
+@pytest.mark.slow
+def test_a_refined_fast_draft_matches_the_baseline_in_less_time(engine, scores):
+    """The workflow's claim on the shipped weights: an LCM draft at 2 steps refined by LCM at strength 0.5 reads
+    as accurately as the baseline at 50 steps (within 0.05, all attributes, on the same prompts and seeds) in
+    less time, draft and refine together (the full table: docs/mini.md)."""
+    from fastgen.mini.evaluate import evaluate_refine
+
+    baseline = scores("baseline", 50)
+    refined = {s.split: s for s in evaluate_refine(engine, "lcm", 2, "lcm", 0.5, prompts=PROMPTS)}
+    baseline_seconds = min(engine.run("mini", "baseline", s.prompt, seed=i).seconds
+                           for i, s in enumerate(evaluation_scenes(2)["seen"]))
+    for split in ("seen", "held-out"):
+        accuracy, _ = baseline[split]
+        assert refined[split].accuracy["all"] >= accuracy["all"] - 0.05, split
+        assert refined[split].seconds_per_image < baseline_seconds, split
+

@@ -1,6 +1,7 @@
 """Measure the mini family's quality-versus-steps table and draw its picture (for docs/mini.md).
 
     python -m fastgen.mini.report --prompts 34 --picture docs/mini_steps.png
+    python -m fastgen.mini.report --refine --prompts 16    # drafts refined, against the baseline at 50 steps
 
 Prints a Markdown table: accuracy (all attributes correct) on seen / held-out combinations, the
 Fréchet distance (seen / held-out) and seconds per image, for each method at each step count.
@@ -36,6 +37,49 @@ def table(engine, prompts: int) -> str:
     return "\n".join(rows)
 
 
+DRAFTS = (("turbo", 1), ("lcm", 2), ("lcm-lora", 2))
+REFINERS = ("turbo", "lcm", "lcm-lora", "baseline")
+STRENGTHS = (0.3, 0.5, 0.7)
+
+
+def refine_table(engine, prompts: int) -> str:
+    """Fast drafts refined by each method at each strength, against the baseline at 50 steps alone; then
+    inpainting the drafted shape in another colour."""
+    from fastgen.registry import get_family
+
+    from .evaluate import evaluate, evaluate_inpaint, evaluate_refine, refine_steps
+
+    family = get_family("mini")
+
+    def row(name: str, scores) -> str:
+        seen, held = scores["seen"], scores["held-out"]
+        seconds = (seen.seconds_per_image * seen.prompts + held.seconds_per_image * held.prompts) / (
+            seen.prompts + held.prompts)
+        return (f"| {name} | {seen.accuracy['all']:.3f} | {held.accuracy['all']:.3f} | {seen.distance:.4f} | "
+                f"{held.distance:.4f} | {seconds:.3f} |")
+
+    rows = ["| draft -> refine (strength, steps) | accuracy seen | accuracy held-out | distance seen | "
+            "distance held-out | s/image (draft + refine) |", "|---|---:|---:|---:|---:|---:|"]
+    rows.append(row("baseline, 50 steps alone", {s.split: s for s in evaluate(engine, "baseline", 50, None, prompts)}))
+    print(rows[-1], flush=True)
+    for draft, draft_steps in DRAFTS:
+        for refiner in REFINERS:
+            for strength in STRENGTHS:
+                steps = refine_steps(family.method(refiner), strength)
+                scores = {s.split: s for s in evaluate_refine(engine, draft, draft_steps, refiner, strength, prompts)}
+                rows.append(row(f"{draft}@{draft_steps} -> {refiner} ({strength:g}, {steps})", scores))
+                print(rows[-1], flush=True)
+    rows += ["", "| draft -> inpaint (strength) | new colour read | all attributes | outside moved, mean / max "
+             "(not kept) | outside moved, max (kept) | s/image (draft + inpaint) |", "|---|---:|---:|---:|---:|---:|"]
+    for refiner in REFINERS:
+        r = evaluate_inpaint(engine, "turbo", 1, refiner, prompts)
+        strength = family.method(refiner).refine_recipe("inpaint").strength
+        rows.append(f"| turbo@1 -> {refiner} ({strength:g}) | {r['color']:.3f} | {r['all']:.3f} | "
+                    f"{r['outside_mean']:.2f} / {r['outside_max']} | {r['kept_max']} | {r['seconds_per_image']:.3f} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def picture(engine, path: str, seed: int = 0) -> None:
     """One prompt, one row per method, one column per step count (the base's 25 and 50 at the right)."""
     from PIL import Image, ImageDraw
@@ -63,12 +107,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastgen.mini.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=34, help="prompts per split (held-out has 34)")
     parser.add_argument("--picture", help="also draw one prompt across methods and steps to this PNG")
+    parser.add_argument("--refine", action="store_true", help="measure refining fast drafts instead (the refine "
+                                                              "table)")
     args = parser.parse_args(argv)
     engine = Engine(device="cpu")
     start = time.perf_counter()
     if args.picture:
         picture(engine, args.picture)
-    print(table(engine, args.prompts))
+    print(refine_table(engine, args.prompts) if args.refine else table(engine, args.prompts))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -77,12 +77,20 @@ def compare(args) -> int:
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())
-    out = Path(args.out)
-    comparison.save(out)
+    lines = {}
     for result in comparison.results:
         speedup = comparison.speedup(result.method)
         extra = f"  {speedup:.1f}x {comparison.reference}" if speedup and result.method != comparison.reference else ""
-        print(f"{result.label:>16}: {result.steps:>3} steps  {result.seconds:7.2f} s{extra}")
+        lines[result.method] = f"{result.steps:>3} steps  {result.seconds:7.2f} s{extra}"
+    return _write(comparison, Path(args.out), lines)
+
+
+def _write(comparison, out: Path, lines: dict[str, str]) -> int:
+    """Save the comparison to `out` and print one line per panel (`lines[method]`), its warnings and any
+    failures; the exit status is 1 when a panel failed."""
+    comparison.save(out)
+    for result in comparison.results:
+        print(f"{result.label:>16}: {lines[result.method]}")
         for warning in result.warnings:
             print(f"{'':>18}warning: {warning}")
     for failure in comparison.failures:
@@ -123,21 +131,14 @@ def refine(args) -> int:
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
     comparison = engine.refine_compare(family, image, request.prompt, list(request.methods), mask=mask,
                                        **request.engine_kwargs(), on_step=_progress())
-    out = Path(args.out)
-    comparison.save(out)
+    lines = {}
     for result in comparison.results:
         moved, change = "", result.outside_change
         if change is not None:
             moved = f"  outside the mask moved {change['mean']:.2f} mean, {change['max']} max (0-255)"
-        print(f"{result.label:>16}: strength {result.strength:g}, {result.denoising_steps:>3} of {result.steps} steps "
-              f"{result.seconds:7.2f} s{moved}")
-        for warning in result.warnings:
-            print(f"{'':>18}warning: {warning}")
-    for failure in comparison.failures:
-        print(f"{failure.label:>16}: failed: {failure.message}", file=sys.stderr)
-    print(f"wrote {len(comparison.results)} images, {'grid.png and ' if comparison.results else ''}results.json "
-          f"to {out}")
-    return 1 if comparison.failures else 0
+        lines[result.method] = (f"strength {result.strength:g}, {result.denoising_steps:>3} of {result.steps} steps "
+                                f"{result.seconds:7.2f} s{moved}")
+    return _write(comparison, Path(args.out), lines)
 
 
 def download(args) -> int:

@@ -38,8 +38,9 @@ from fastgen.engine import Engine, RunStopped, MissingWeightsError, default_fami
 from fastgen.present import Board, Draft
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
-from fastgen.request import (FIELDS, MAX_PROMPT_CHARS, MAX_SEED, REFINE_FIELDS, CompareRequest, RefineRequest,
-                             RequestError, check_family, check_guidance, check_steps, parse_size, shown)
+from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, REFINE_FIELDS, CompareRequest,
+                             LiveRequest, RefineRequest, RequestError, check_family, check_guidance, check_steps,
+                             live_steps, parse_size, shown)
 
 log = logging.getLogger("fastgen.app")
 
@@ -58,6 +59,8 @@ RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "ge
 REFINE_PANEL_OUTPUTS = ("column", "image", "status", "caption", "code")
 REFINE_OUTPUTS = ("refine_board", "tradeoff", "refine_left", "refine_right", "refine_slider", "refine_button",
                   "refine_stop")
+# The Live tab's per-method panels ("live.<method>.<output>").
+LIVE_PANEL_OUTPUTS = ("column", "image", "caption")
 MAX_UPLOAD = "16mb"  # one upload: the largest allowed image (2048 x 2048 RGB) as PNG is about 12.6 MB at worst
 
 def refused(error: RequestError) -> gr.Error:
@@ -229,6 +232,36 @@ class Runs:
 
         return validated(check, fields)
 
+    # -- live ---------------------------------------------------------------------------------------
+
+    def live(self, family: str, prompt: str, seed: float, vary: bool, methods: list[str], sketching: bool, sketch,
+             strength: float) -> dict:
+        """One live frame: each chosen method draws the current prompt once (in sketch mode, refines the sketch
+        at `strength`). The event runs always-last, so only the newest edit is drawn. Bad input (an empty
+        prompt while typing, a strength that runs no step) goes into the captions: typing never pops errors."""
+        family = check_family(family).name
+        seed = random.randint(0, MAX_SEED) if vary is True else slider_int(seed)
+        image = sketch_image(sketch) if sketching is True else None
+        out = {}
+        for method in self.slots:
+            if method not in (methods or []) or method not in present.live_methods(family):
+                continue
+            try:
+                req = LiveRequest.parse(dict(prompt=prompt, seed=seed, method=method,
+                                             strength=strength if image is not None else None), family=family)
+                result = live_frame(self.engine, req, image)
+            except KNOWN_ERRORS as error:  # RequestError, NotAvailable, missing weights: said in the panel
+                out[f"live.{method}.caption"] = f"⚠️ {error}"
+                continue
+            out[f"live.{method}.image"] = result.image
+            out[f"live.{method}.caption"] = present.live_caption(result, req.prompt, req.seed)
+        return self.by_component(out)
+
+    def live_columns(self, family: str, methods: list[str]) -> dict:
+        names = set(present.live_methods(family))
+        return self.by_component({f"live.{m}.column": gr.Column(visible=m in names and m in (methods or []))
+                                  for m in self.slots})
+
     # -- refine ---------------------------------------------------------------------------------------
 
     def pick_draft(self, method: str, board: Board | None) -> dict:
@@ -328,15 +361,7 @@ class Runs:
     def refine_view(self, board: Board, changed: list[str], running: bool, draft: Draft, baseline) -> dict:
         out = {"refine_board": board, "refine_button": gr.Button(interactive=not running),
                "refine_stop": gr.Button(interactive=running)}
-        for method in changed:
-            panel = board.panels.get(method)
-            if panel is None or method not in self.slots:
-                continue
-            result = panel.result
-            out[f"refine.{method}.image"] = result.image if result is not None else None
-            out[f"refine.{method}.status"] = board.status_html(method)
-            out[f"refine.{method}.caption"] = present.refine_caption(result) if result is not None else ""
-            out[f"refine.{method}.code"] = result.code if result is not None else ""
+        out.update(self.panel_updates(board, changed, "refine.", present.refine_caption))
         out["tradeoff"] = present.tradeoff(draft, board, baseline)
         if any(board.panels[m].state == "done" for m in changed if m in board.panels) or not running:
             choices = present.refine_pair_choices(draft, board, baseline)
@@ -348,19 +373,25 @@ class Runs:
                        refine_slider=present.refine_images(draft, board, baseline, left, right))
         return self.by_component(out)
 
-    def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> dict:
-        """The updates for `board`, by output (see `bind`): changed panels get new values; an output that is not
-        in the dict stays as it is."""
-        out = {"board": board, "generate": gr.Button(interactive=not running), "stop": gr.Button(interactive=running)}
+    def panel_updates(self, board: Board, changed: list[str], prefix: str, caption) -> dict:
+        """Image, status, caption (`caption(result)`) and code of each changed panel, named "<prefix><method>.*"."""
+        out = {}
         for method in changed:
             panel = board.panels.get(method)
             if panel is None or method not in self.slots:
                 continue
             result = panel.result
-            out[f"{method}.image"] = result.image if result is not None else None
-            out[f"{method}.status"] = board.status_html(method)
-            out[f"{method}.caption"] = board.caption(method)
-            out[f"{method}.code"] = result.code if result is not None else ""
+            out[f"{prefix}{method}.image"] = result.image if result is not None else None
+            out[f"{prefix}{method}.status"] = board.status_html(method)
+            out[f"{prefix}{method}.caption"] = caption(result) if result is not None else ""
+            out[f"{prefix}{method}.code"] = result.code if result is not None else ""
+        return out
+
+    def view(self, board: Board, changed: list[str], running: bool, export: bool = False) -> dict:
+        """The updates for `board`, by output (see `bind`): changed panels get new values; an output that is not
+        in the dict stays as it is."""
+        out = {"board": board, "generate": gr.Button(interactive=not running), "stop": gr.Button(interactive=running)}
+        out.update(self.panel_updates(board, changed, "", lambda result: board.caption(result.method)))
         done = [p.method for p in board.panels.values() if p.result is not None]
         if any(board.panels[m].state == "done" for m in changed) or not running:
             left, right = present.compare_pair(board)
@@ -476,11 +507,7 @@ def editor_images(editor, draft: Draft | None):
     background = editor.get("background")
     source = None
     if isinstance(background, Image.Image):
-        if background.mode in ("RGBA", "LA", "P"):  # transparent pixels become white, not black
-            flat = Image.new("RGBA", background.size, "white")
-            flat.alpha_composite(background.convert("RGBA"))
-            background = flat
-        source = background.convert("RGB")
+        source = present.flatten(background)  # transparent pixels become white, not black
     from_draft = draft is not None and (source is None or (
         source.size == draft.image.size and np.array_equal(np.asarray(source), np.asarray(draft.image.convert("RGB")))))
     if from_draft:
@@ -498,6 +525,60 @@ def editor_images(editor, draft: Draft | None):
     if mask.size != source.size:  # the canvas may show the image scaled
         mask = mask.resize(source.size, Image.NEAREST)
     return source, mask, from_draft
+
+
+def live_frame(engine: Engine, req: LiveRequest, sketch=None):
+    """The engine call for one live frame: text-to-image, or the sketch refined (fitted to the method's size)."""
+    spec = req.family.method(req.method)
+    if sketch is None:
+        return engine.run(req.family, req.method, req.prompt, seed=req.seed, steps=req.steps or live_steps(spec))
+    return engine.refine(req.family, req.method, sketch, req.prompt, seed=req.seed, strength=req.strength,
+                         steps=req.steps or live_steps(spec, req.strength), resize=True)
+
+
+def live_api(engine: Engine, default: str):
+    """The `live` API endpoint: one frame of one method (LIVE_FIELDS, then an optional sketch image, flattened on
+    white and fitted to the method's size), the image as PNG and the result's JSON out."""
+
+    def validate(*values) -> list:
+        return validated(lambda: LiveRequest.parse(dict(zip(LIVE_FIELDS, values)), family=default),
+                         [*LIVE_FIELDS, "sketch"])
+
+    @gpu_task
+    def live(prompt: str, seed: int = 0, method: str | None = None, family: str | None = None,
+             steps: int | None = None, strength: float | None = None, sketch=None):
+        """One frame: `method` (default: the family's first) draws `prompt`, or refines `sketch` at `strength`
+        (default 0.7); steps None: the method's live steps (1 for Turbo, 2 for LCM and LCM-LoRA)."""
+        values = (prompt, seed, method, family, steps, strength)
+        try:
+            req = LiveRequest.parse(dict(zip(LIVE_FIELDS, values)), family=default)
+            result = live_frame(engine, req, present.flatten(sketch) if sketch is not None else None)
+        except RequestError as error:
+            raise refused(error) from None
+        except KNOWN_ERRORS as exc:
+            raise failed(str(exc)) from None
+        except Exception:
+            log.exception("live frame failed: method=%s prompt=%s", method, shown(prompt))
+            raise failed("Something went wrong on the server; the error has been logged.") from None
+        return result.image, result.to_dict()
+
+    return live, validate
+
+
+def sketch_image(sketch):
+    """The sketchpad's drawing as RGB (empty canvas white), or None when there is no drawing."""
+    from PIL import Image
+
+    value = sketch if isinstance(sketch, dict) else {}
+    drawing = value.get("composite")
+    if not isinstance(drawing, Image.Image):
+        layers = [layer for layer in value.get("layers") or [] if isinstance(layer, Image.Image)]
+        if not layers:
+            return None
+        drawing = layers[0].convert("RGBA")
+        for layer in layers[1:]:
+            drawing.alpha_composite(layer.convert("RGBA"))
+    return present.flatten(drawing)
 
 
 def reference_result(board: Board | None, family: str):
@@ -620,6 +701,37 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                 draft = gr.State(None)
                 refine_board = gr.State(None)
 
+            with gr.Tab("Live", id="live") as live_tab:
+                gr.Markdown("Images as you type: every edit of the prompt (or, in sketch mode, every stroke) redraws "
+                            "with the fast methods. Only the newest edit is drawn; frames for older ones are "
+                            "dropped.", elem_classes="fg-note")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        live_prompt = gr.Textbox(label="Live prompt", lines=2, value=example_prompts(family)[0],
+                                                 max_length=MAX_PROMPT_CHARS, elem_id="fg-live-prompt")
+                        with gr.Row(equal_height=True):
+                            live_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=2)
+                            live_vary = gr.Checkbox(False, label="Vary", info="a new seed every frame", scale=1)
+                        live_methods_box = gr.CheckboxGroup(
+                            [(get_family(family).method(m).label, m) for m in present.live_methods(family)],
+                            value=present.live_default(family), label="Methods",
+                            info="one-step Turbo by default; LCM and LCM-LoRA draw at 2 steps")
+                    with gr.Column(scale=2):
+                        live_sketching = gr.Checkbox(False, label="Sketch mode",
+                                                     info="your strokes, refined by each method (image-to-image)")
+                        sketch = gr.Sketchpad(value=white_canvas(), type="pil", image_mode="RGBA", format="png",
+                                              canvas_size=(256, 256), layers=False, transforms=(), height=300,
+                                              brush=gr.Brush(colors=SKETCH_COLORS, default_size=16),
+                                              label="Sketch", elem_classes="fg-sketch")
+                        live_strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Sketch strength",
+                                                  info="how much of the sketch is redrawn; Turbo takes 2 steps "
+                                                       "below 1.0, since steps x strength must reach 1")
+                live_panels = {}
+                with gr.Row(elem_classes="fg-panels"):
+                    for method in runs.slots:
+                        live_panels[method] = LivePanelView(family, method,
+                                                            method in present.live_default(family))
+
         # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
         with gr.Column(visible=False):
             # JSON inputs pass the caller's values through untouched (a Textbox would turn a list into its repr,
@@ -638,6 +750,12 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                           else None, label=name) for name in REFINE_FIELDS]
             api_refine_out = [gr.Gallery(label="images", format="png"), gr.JSON(label="results")]
             api_refine_button = gr.Button()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                api_live_in = [gr.JSON(0 if name == "seed" else None, label=name) for name in LIVE_FIELDS]
+            api_live_in.append(gr.Image(type="pil", image_mode=None, label="sketch"))
+            api_live_out = [gr.Image(type="pil", format="png", label="image"), gr.JSON(label="result")]
+            api_live_button = gr.Button()
 
         # -- wiring -----------------------------------------------------------------------------------
         slots = runs.slots
@@ -671,7 +789,9 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         ui.update({f"{m}.{name}": c for m in slots for name, c in panels[m].parts().items()})
         ui.update({f"refine.{m}.column": refine_panels[m].column for m in slots})
         ui.update(refine_methods=refine_methods, draft=draft, refine_board=refine_board, tradeoff=tradeoff,
-                  refine_slider=refine_slider, draft_note=draft_note)
+                  refine_slider=refine_slider, draft_note=draft_note, live_methods=live_methods_box,
+                  live_prompt=live_prompt)
+        ui.update({f"live.{m}.column": live_panels[m].column for m in slots})
         family_box.change(family_handler(slots, ui), inputs=family_box, outputs=list(dict.fromkeys(ui.values())),
                           api_visibility="private")
         panel_switches = [c for m in slots for c in (panels[m].column, panels[m].toggle)]
@@ -685,7 +805,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                             refine_stop=refine_stop)
         picked = dict(tabs=tabs, draft=draft, editor=editor, refine_prompt=refine_prompt, refine_methods=refine_methods,
                       strength=strength, draft_note=draft_note)
-        runs.bind({**named, **refine_named, **picked})
+        live_named = {f"live.{m}.{o}": getattr(live_panels[m], o) for m in slots for o in LIVE_PANEL_OUTPUTS}
+        runs.bind({**named, **refine_named, **picked, **live_named})
         refine_outputs = list(refine_named.values())
         for method, panel in panels.items():
             panel.refine.click(pick_draft_handler(runs, method), inputs=board,
@@ -705,6 +826,19 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         gr.on([refine_left.input, refine_right.input], refine_pick, inputs=[draft, refine_board, board, refine_left,
                                                                             refine_right],
               outputs=refine_slider, queue=False, api_visibility="private")
+        # -- live -----------------------------------------------------------------------------------------
+        live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")]
+        live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch,
+                       live_strength]
+        gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
+               sketch.change, live_strength.release, live_tab.select], gpu_task(runs.live), inputs=live_inputs,
+              outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=1,
+              show_progress="hidden", api_name="live_page", api_visibility="private")
+        live_methods_box.input(runs.live_columns, inputs=[family_box, live_methods_box],
+                               outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
+        api_live, api_live_validate = live_api(engine, family)
+        api_live_button.click(api_live, inputs=api_live_in, outputs=api_live_out, api_name="live",
+                              validator=api_live_validate, concurrency_id=GPU, concurrency_limit=1)
         api_refine, api_refine_validate = refine_api(engine, family)
         api_refine_button.click(api_refine, inputs=api_refine_in, outputs=api_refine_out, api_name="refine",
                                 validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=1)
@@ -757,6 +891,28 @@ class PanelView:
         """The panel's components by name: what the family switch updates."""
         return dict(column=self.column, title=self.title, toggle=self.toggle, image=self.image, status=self.status,
                     caption=self.caption, steps=self.steps, guidance=self.guidance, note=self.note, code=self.code)
+
+
+class LivePanelView:
+    """One method's live frame: its image and caption (prompt, seed, milliseconds per frame)."""
+
+    def __init__(self, family: str, method: str, visible: bool):
+        spec = panel_spec(family, method)
+        with gr.Column(elem_classes=["fg-panel", "fg-live-panel"], variant="panel", visible=visible,
+                       min_width=200) as self.column:
+            self.title = gr.Markdown(f"### {spec.label if spec else method}")
+            self.image = gr.Image(type="pil", format="png", interactive=False, show_label=False, height=256,
+                                  buttons=["download", "fullscreen"], elem_classes="fg-image")
+            self.caption = gr.Markdown(elem_classes="fg-caption")
+
+
+SKETCH_COLORS = ["#dc2828", "#28aa46", "#285adc", "#ebcd28", "#8c46be", "#f08c1e", "#191919", "#ebebeb"]
+
+
+def white_canvas():
+    from PIL import Image
+
+    return Image.new("RGB", (256, 256), "white")
 
 
 class RefinePanelView:
@@ -861,7 +1017,11 @@ def family_handler(slots: tuple[str, ...], ui: dict | None = None):
                    json_file=gr.DownloadButton(value=None, visible=False),
                    shown=gr.CheckboxGroup(choices=method_choices(family), value=list(fam.default_methods)),
                    refine_methods=gr.CheckboxGroup(choices=method_choices(family), value=refine_default(family)),
-                   draft=None, refine_board=None, tradeoff="", refine_slider=None, draft_note=DRAFT_NOTE)
+                   draft=None, refine_board=None, tradeoff="", refine_slider=None, draft_note=DRAFT_NOTE,
+                   live_prompt=prompts[0], live_methods=gr.CheckboxGroup(
+                       choices=[(fam.method(m).label, m) for m in present.live_methods(family)],
+                       value=present.live_default(family)))
+        out.update({f"live.{m}.column": gr.Column(visible=m in present.live_default(family)) for m in slots})
         out.update({f"refine.{m}.column": gr.Column(visible=m in refine_default(family)) for m in slots})
         for method in slots:
             spec = panel_spec(family, method)

@@ -483,3 +483,42 @@ def refine_images(draft: Draft | None, board: Board | None, baseline, left: str 
 
     images = (image(left), image(right))
     return images if all(i is not None for i in images) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Live: one frame per edit, from the fast methods.
+
+
+def live_methods(family: str) -> list[str]:
+    """The methods a live frame can use: every one but the reference (50 steps is not live), in panel order."""
+    fam = get_family(family)
+    return [m for m in fam.panel_order if m != fam.reference]
+
+
+def live_default(family: str) -> list[str]:
+    """What the Live tab opens with: the one-step methods (Turbo), else the first fast one."""
+    fam = get_family(family)
+    one_step = [m for m in live_methods(family) if fam.method(m).steps == 1 and fam.method(m).shown]
+    return one_step or live_methods(family)[:1]
+
+
+def live_caption(result, prompt: str, seed: int) -> str:
+    """A live frame's caption (Markdown): the prompt it shows, its seed, steps, and its generation time as
+    milliseconds per frame and the frame rate that allows."""
+    text = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    ms = 1000 * result.seconds
+    rate = f" (up to {1000 / ms:.0f} frames/s)" if ms > 0 else ""
+    steps = result.denoising_steps or result.steps
+    return (f"“{html.escape(text)}” · seed {seed} · {steps} step{'s' if steps != 1 else ''} · "
+            f"**{ms:.0f} ms** per frame{rate}")
+
+
+def flatten(image):
+    """An RGB image of a drawing: transparent pixels become white (a sketch's empty canvas)."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "P"):
+        flat = Image.new("RGBA", image.size, "white")
+        flat.alpha_composite(image.convert("RGBA"))
+        image = flat
+    return image.convert("RGB")

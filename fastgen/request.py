@@ -28,6 +28,8 @@ FIELDS = ("prompt", "seed", "negative_prompt", "methods", "width", "height", "fa
 # image sets it).
 REFINE_FIELDS = ("prompt", "seed", "negative_prompt", "methods", "family", "steps", "guidance", "strength",
                  "keep_outside", "resize")
+# One live frame: one method, its steps (None: its live default), and for a sketch the strength.
+LIVE_FIELDS = ("prompt", "seed", "method", "family", "steps", "strength")
 
 
 class RequestError(ValueError):
@@ -249,6 +251,21 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
 
 # --- the request ---------------------------------------------------------------------------------------------
 
+def _shared_fields(data: Mapping, fields: tuple[str, ...], family) -> tuple:
+    """What every request has, checked in the order the APIs list it: (family, prompt, seed, negative prompt,
+    methods). `fields` are the request's own; any other key is refused."""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {fields}")
+    chosen = data.get("family")
+    fam = check_family(family if chosen is None or chosen == "" else chosen)
+    prompt = check_text("prompt", data.get("prompt"), required=True)
+    seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+    negative = data.get("negative_prompt")
+    negative = "" if negative is None else check_text("negative_prompt", negative, required=False)
+    return fam, prompt, seed, negative, check_methods(fam, data.get("methods"))
+
+
 @dataclass(frozen=True)
 class CompareRequest:
     """One comparison: a prompt and seed for `methods` of `family`. width/height None: each method's native size;
@@ -269,16 +286,7 @@ class CompareRequest:
         """Check a request's fields (as sent: JSON values) in the order the API lists them. `family` is the
         default for a request that names none. Missing fields take their defaults; None means "not given"
         for the optional ones (negative_prompt, methods, width, height, family, steps, guidance)."""
-        unknown = [k for k in data if k not in FIELDS]
-        if unknown:
-            raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {FIELDS}")
-        chosen = data.get("family")
-        fam = check_family(family if chosen is None or chosen == "" else chosen)
-        prompt = check_text("prompt", data.get("prompt"), required=True)
-        seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
-        negative = data.get("negative_prompt")
-        negative = "" if negative is None else check_text("negative_prompt", negative, required=False)
-        methods = check_methods(fam, data.get("methods"))
+        fam, prompt, seed, negative, methods = _shared_fields(data, FIELDS, family)
         sizes = {}
         for name in ("width", "height"):
             value = data.get(name)
@@ -317,16 +325,7 @@ class RefineRequest:
     def parse(cls, data: Mapping, family: str | Family | None = None) -> RefineRequest:
         """Check a refine request's fields (REFINE_FIELDS, as JSON values); the image and mask are checked by
         the engine, which knows each method's size."""
-        unknown = [k for k in data if k not in REFINE_FIELDS]
-        if unknown:
-            raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {REFINE_FIELDS}")
-        chosen = data.get("family")
-        fam = check_family(family if chosen is None or chosen == "" else chosen)
-        prompt = check_text("prompt", data.get("prompt"), required=True)
-        seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
-        negative = data.get("negative_prompt")
-        negative = "" if negative is None else check_text("negative_prompt", negative, required=False)
-        methods = check_methods(fam, data.get("methods"))
+        fam, prompt, seed, negative, methods = _shared_fields(data, REFINE_FIELDS, family)
         steps = check_per_method("steps", data.get("steps"), fam, methods)
         guidance = check_per_method("guidance", data.get("guidance"), fam, methods)
         strength = data.get("strength")
@@ -340,3 +339,46 @@ class RefineRequest:
                     guidance=dict(self.guidance) or None, strength=self.strength, keep_outside=self.keep_outside,
                     resize=self.resize)
 
+
+
+def live_steps(spec: MethodSpec, strength: float | None = None) -> int:
+    """A method's steps for a live frame: one where it was distilled for one step, else the fewest of 2 or more it
+    allows (LCM, LCM-LoRA at 2); for a sketch (`strength`), raised to the fewest that run a denoising step."""
+    wanted = 1 if spec.steps == 1 else 2
+    counts = [n for n in spec.allowed_steps if n >= wanted] or [spec.max_steps]
+    if strength is not None:
+        recipe = spec.refine_recipe("img2img")
+        if recipe is not None and not recipe.spreads_steps:
+            counts = [n for n in counts if int(n * strength) >= 1] or [spec.max_steps]
+    return counts[0]
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    """One live frame: `method` of `family` on a prompt and seed; with a sketch, image-to-image at `strength`."""
+
+    family: Family
+    prompt: str
+    method: str
+    seed: int = 0
+    steps: int | None = None
+    strength: float = 0.7
+
+    @classmethod
+    def parse(cls, data: Mapping, family: str | Family | None = None) -> LiveRequest:
+        unknown = [k for k in data if k not in LIVE_FIELDS]
+        if unknown:
+            raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {LIVE_FIELDS}")
+        chosen = data.get("family")
+        fam = check_family(family if chosen is None or chosen == "" else chosen)
+        prompt = check_text("prompt", data.get("prompt"), required=True)
+        seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+        method = data.get("method")
+        if method is None:
+            method = fam.default_methods[0]
+        check_methods(fam, [method])
+        steps = data.get("steps")
+        steps = None if steps is None else check_steps(fam.method(method), steps)
+        strength = data.get("strength")
+        strength = 0.7 if strength is None else check_strength(strength)
+        return cls(fam, prompt, method, seed, steps, strength)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import app
 from fastgen import present
-from fastgen.engine import RunStopped
+from fastgen.engine import Engine, RunStopped
 from fastgen.results import Comparison
 from fastgen.registry import get_family
 
@@ -103,6 +103,12 @@ class FakeEngine:
                              0.01 * ran, 100.0, code=f"# refine {m}", width=image.width, height=image.height,
                              denoising_steps=ran, mode=recipe.mode, strength=s,
                              outside_change=None if mask is None else {"mean": 0.0, "max": 0, "kept": True})
+
+    def refine(self, family, method, image, prompt, *, seed=0, strength=None, steps=None, resize=False, **kw):
+        """One refine with the real engine's checks (steps x strength, image), then as iter_refine draws it."""
+        fam = get_family(family)
+        Engine._refine_args(fam, fam.method(method), image, None, strength, steps, None, False, resize)
+        return next(self.iter_refine(family, image.resize((64, 64)), prompt, [method], strength=strength, seed=seed))
 
     def comparison(self, family, prompt, results, *, negative_prompt="", seed=0, **kw):
         return Comparison(family, prompt, negative_prompt, seed, "cpu", "float32", results, [])
@@ -401,13 +407,15 @@ def test_model_work_shares_one_gpu_slot():
     """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
     gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]
     fills_on_open = app.pick_family()[0] in app.FILL_ON_OPEN  # then generate also runs as the page loads
-    # generate, compare, refine (page and API), one rerun per panel slot
-    assert len(gpu) == 4 + len(SLOTS) + fills_on_open
+    # generate, compare, refine and live (page and API each), one rerun per panel slot
+    assert len(gpu) == 6 + len(SLOTS) + fills_on_open
     assert all(f.concurrency_limit == 1 for f in gpu)
-    for name in ("compare", "refine"):
+    for name in ("compare", "refine", "live"):
         assert next(f for f in gpu if f.api_name == name).api_visibility == "public"
     public = {f.api_name for f in app.demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"compare", "refine"}
+    assert public == {"compare", "refine", "live"}
+    live_page = next(f for f in gpu if f.api_name == "live_page")
+    assert live_page.trigger_mode == "always_last"  # only the newest edit is drawn
 
 
 def test_example_script_runs(fake_mini, tmp_path, monkeypatch, capsys):
@@ -537,3 +545,38 @@ def test_refine_validator_marks_the_field(runs, editor, kwargs, field, message):
     bad = [f for f, v in zip(fields, verdicts) if not v["is_valid"]]
     assert bad == [field]
     assert __import__("re").search(message, verdicts[fields.index(field)]["message"])
+
+
+# --- live ---------------------------------------------------------------------------------------------------
+
+def live(runs, prompt="a small green circle on an orange background", seed=3, vary=False, methods=("turbo",),
+         sketching=False, sketch=None, strength=0.7):
+    out = runs.live("mini", prompt, seed, vary, list(methods), sketching, sketch, strength)
+    names = {f"live.{m}.{o}" for m in SLOTS for o in app.LIVE_PANEL_OUTPUTS}
+    assert set(out) <= names, set(out) - names
+    return out
+
+
+def test_a_live_frame_draws_each_chosen_method_once_and_names_the_prompt(runs):
+    out = live(runs, methods=("turbo", "lcm", "baseline"))  # the reference is not a live method
+    assert [c[0] for c in runs.engine.calls] == ["turbo", "lcm"]
+    assert [c[3] for c in runs.engine.calls] == [1, 2]  # live steps: Turbo 1, LCM 2
+    assert set(out) == {"live.turbo.image", "live.turbo.caption", "live.lcm.image", "live.lcm.caption"}
+    assert "“a small green circle on an orange background” · seed 3 · 1 step" in out["live.turbo.caption"]
+    assert "ms** per frame (up to" in out["live.turbo.caption"]
+
+
+def test_live_input_problems_stay_in_the_caption(runs):
+    out = live(runs, prompt="   ")
+    assert "live.turbo.image" not in out and "must not be empty" in out["live.turbo.caption"]
+    out = live(runs, sketching=True, sketch={"composite": Image.new("RGBA", (256, 256), (255, 0, 0, 255))},
+               strength=0.2)
+    assert "at least 0.25" in out["live.turbo.caption"]  # Turbo: steps x strength must reach 1 within 4 steps
+    assert runs.engine.calls == []
+
+
+def test_vary_draws_a_new_seed_each_frame(runs):
+    seeds = {live(runs, vary=True) and runs.engine.calls[-1][2] for _ in range(3)}
+    assert len(seeds) == 3
+    live(runs, vary=False, seed=11)
+    assert runs.engine.calls[-1][2] == 11

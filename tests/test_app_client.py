@@ -76,10 +76,10 @@ def test_bad_input_is_an_error_with_the_engines_message(served):
                                            api_name="/compare")
 
 
-def test_only_compare_and_refine_are_public(served):
+def test_only_compare_refine_and_live_are_public(served):
     url, _ = served
     info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
-    assert sorted(info["named_endpoints"]) == ["/compare", "/refine"]
+    assert sorted(info["named_endpoints"]) == ["/compare", "/live", "/refine"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/compare"]["parameters"]]
     assert params[:6] == ["prompt", "seed", "negative_prompt", "methods", "width", "height"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/refine"]["parameters"]]
@@ -320,3 +320,64 @@ def test_a_method_added_at_run_time_is_a_panel_an_api_choice_a_cli_choice_and_a_
     finally:
         demo.close()
         mp.undo()
+
+
+def test_live_frames_are_lossless_and_a_sketch_is_refined(served, fake_mini, tmp_path):
+    import numpy as np
+    from gradio_client import handle_file
+
+    url, _ = served
+    client = Client(url, verbose=False)
+    image, result = client.predict(prompt="a red circle", seed=4, method="lcm", api_name="/live")
+    own = Engine(device="cpu").run(fake_mini, "lcm", "a red circle", seed=4, steps=2)
+    with Image.open(image) as served_image:
+        assert served_image.format == "PNG"
+        assert np.array_equal(np.asarray(served_image.convert("RGB")), np.asarray(own.image))
+    assert (result["method"], result["steps"], result["mode"]) == ("lcm", 2, "text2img")
+    sketch = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    sketch.paste((40, 170, 70, 255), (60, 60, 190, 190))
+    sketch.save(tmp_path / "sketch.png")
+    image, result = client.predict(prompt="a green square", method="turbo", strength=0.7,
+                                   sketch=handle_file(str(tmp_path / "sketch.png")), api_name="/live")
+    assert (result["mode"], result["steps"], result["denoising_steps"], result["width"]) == ("img2img", 2, 1, 64)
+    with pytest.raises(Exception, match="at least 0.25"):
+        client.predict(prompt="a green square", method="turbo", strength=0.2,
+                       sketch=handle_file(str(tmp_path / "sketch.png")), api_name="/live")
+
+
+def test_live_use_delays_another_visitors_generate_by_at_most_one_frame(served):
+    """One visitor types (a live frame after each, as the page sends them: the next only after the last came
+    back); another presses Generate. The Generate waits in the queue for at most the one frame in flight."""
+    import threading
+
+    url, _ = served
+    typist, other = Client(url, verbose=False), Client(url, verbose=False)
+    frames, stop = [], threading.Event()
+
+    def typing():
+        i = 0
+        while not stop.is_set():
+            start = time.perf_counter()
+            typist.predict(prompt=f"a red circle {i}", seed=i, method="turbo", api_name="/live")
+            frames.append(time.perf_counter() - start)
+            i += 1
+
+    thread = threading.Thread(target=typing, daemon=True)
+    thread.start()
+    waits = []
+    try:
+        while len(frames) < 3:  # frames are flowing
+            time.sleep(0.05)
+        for attempt in range(3):
+            job = other.submit(prompt="a blue square", methods=["turbo"], api_name="/compare")
+            submitted = time.perf_counter()
+            while job.status().code not in (Status.PROCESSING, Status.FINISHED):
+                time.sleep(0.002)
+            waits.append(time.perf_counter() - submitted)
+            job.result(timeout=60)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    frame = max(frames)
+    assert len(frames) > 5
+    assert max(waits) <= frame + 0.25, (waits, frame)  # one frame, and the queue's own bookkeeping

@@ -159,3 +159,21 @@ def test_a_refined_fast_draft_matches_the_baseline_in_less_time(engine, scores):
         assert refined[split].accuracy["all"] >= accuracy["all"] - 0.05, split
         assert refined[split].seconds_per_image < baseline_seconds, split
 
+
+@pytest.mark.parametrize("colour", ["green", "red"])
+def test_a_sketched_blob_becomes_a_shape_in_the_strokes_colour(engine, colour):
+    """Live sketch mode on the shipped weights: a rough blob of colour on the white canvas, refined by Turbo,
+    is read back in that colour."""
+    import app
+    from PIL import Image, ImageDraw
+
+    from fastgen.mini.analyzer import analyze
+    from fastgen.mini.world import PALETTE
+
+    canvas = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).polygon([(70, 90), (150, 60), (200, 120), (170, 200), (90, 180)], fill=PALETTE[colour])
+    runs = app.Runs(engine)
+    out = runs.live("mini", f"a large {colour} circle on a white background", 0, False, ["turbo"], True,
+                    {"composite": canvas}, 0.7)
+    assert "2 steps" not in out["live.turbo.caption"] and "ms** per frame" in out["live.turbo.caption"]
+    assert analyze(np.asarray(out["live.turbo.image"])).color == colour

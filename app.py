@@ -235,14 +235,14 @@ class Runs:
     # -- live ---------------------------------------------------------------------------------------
 
     def live(self, family: str, prompt: str, seed: float, vary: bool, methods: list[str], sketching: bool, sketch,
-             strength: float) -> dict:
+             strength: float, *_) -> dict:
         """One live frame: each chosen method draws the current prompt once (in sketch mode, refines the sketch
         at `strength`). The event runs always-last, so only the newest edit is drawn. Bad input (an empty
         prompt while typing, a strength that runs no step) goes into the captions: typing never pops errors."""
         family = check_family(family).name
+        out = {"live_drawn": live_key(prompt, seed, vary, methods, sketching, strength)}
         seed = random.randint(0, MAX_SEED) if vary is True else slider_int(seed)
         image = sketch_image(sketch) if sketching is True else None
-        out = {}
         for method in self.slots:
             if method not in (methods or []) or method not in present.live_methods(family):
                 continue
@@ -527,6 +527,20 @@ def editor_images(editor, draft: Draft | None):
     return source, mask, from_draft
 
 
+def live_key(prompt, seed, vary, methods, sketching, strength) -> list:
+    """What a live frame drew, as the page compares it: a new seed each frame counts as the same settings."""
+    return [prompt, None if vary is True else seed, sorted(methods or []), sketching is True, strength]
+
+
+def live_catch_up(prompt, seed, vary, methods, sketching, strength, drawn, redraw):
+    """The Live tab's safety net, on a timer and off the queue: when the last frame drew other settings than the
+    ones on screen (an edit's event can be lost when typing fast, as in gradio #7752), bump the hidden redraw
+    counter, whose change draws a frame. Sketch mode is left to its strokes' own events."""
+    if sketching is True or live_key(prompt, seed, vary, methods, sketching, strength) == drawn:
+        return gr.skip()
+    return (redraw or 0) + 1
+
+
 def live_frame(engine: Engine, req: LiveRequest, sketch=None):
     """The engine call for one live frame: text-to-image, or the sketch refined (fitted to the method's size)."""
     spec = req.family.method(req.method)
@@ -622,7 +636,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     "same seed, honest timings, and the code that reproduces each image.")
         gr.Markdown(f"⚠️ {notice}", visible=bool(notice), elem_classes="fg-notice")
         with gr.Tabs(selected="compare") as tabs:
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
                         prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True,
@@ -662,7 +676,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
                     json_file = gr.DownloadButton("Download results (JSON)", visible=False)
 
-            with gr.Tab("Refine", id="refine"):
+            with gr.Tab("Refine", id="refine") as refine_tab:
                 draft_note = gr.Markdown(DRAFT_NOTE, elem_classes=["fg-note", "fg-draft"])
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
@@ -691,7 +705,8 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                 refine_panels = {}
                 with gr.Row(elem_classes="fg-panels"):
                     for method in runs.slots:
-                        refine_panels[method] = RefinePanelView(family, method, method in refine_methods.value)
+                        refine_panels[method] = OutputPanelView("refine", family, method,
+                                                                method in refine_methods.value, details=True)
                 with gr.Accordion("Compare draft, refined and baseline", open=True):
                     with gr.Row():
                         refine_left = gr.Dropdown([], label="Left", scale=1)
@@ -726,11 +741,14 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                         live_strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Sketch strength",
                                                   info="how much of the sketch is redrawn; Turbo takes 2 steps "
                                                        "below 1.0, since steps x strength must reach 1")
+                live_drawn = gr.State(None)  # the settings the last frame drew (see live_catch_up)
+                live_redraw = gr.Number(0, visible="hidden")
+                live_timer = gr.Timer(0.5, active=False)
                 live_panels = {}
                 with gr.Row(elem_classes="fg-panels"):
                     for method in runs.slots:
-                        live_panels[method] = LivePanelView(family, method,
-                                                            method in present.live_default(family))
+                        live_panels[method] = OutputPanelView("live", family, method,
+                                                              method in present.live_default(family), details=False)
 
         # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
         with gr.Column(visible=False):
@@ -806,6 +824,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         picked = dict(tabs=tabs, draft=draft, editor=editor, refine_prompt=refine_prompt, refine_methods=refine_methods,
                       strength=strength, draft_note=draft_note)
         live_named = {f"live.{m}.{o}": getattr(live_panels[m], o) for m in slots for o in LIVE_PANEL_OUTPUTS}
+        live_named["live_drawn"] = live_drawn
         runs.bind({**named, **refine_named, **picked, **live_named})
         refine_outputs = list(refine_named.values())
         for method, panel in panels.items():
@@ -827,13 +846,20 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                                                             refine_right],
               outputs=refine_slider, queue=False, api_visibility="private")
         # -- live -----------------------------------------------------------------------------------------
-        live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")]
+        live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")] + [live_drawn]
         live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch,
                        live_strength]
         gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
-               sketch.change, live_strength.release, live_tab.select], gpu_task(runs.live), inputs=live_inputs,
+               sketch.change, live_strength.release, live_tab.select, live_redraw.change], gpu_task(runs.live),
+              inputs=live_inputs,
               outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=1,
               show_progress="hidden", api_name="live_page", api_visibility="private")
+        live_timer.tick(live_catch_up, inputs=[live_prompt, live_seed, live_vary, live_methods_box, live_sketching,
+                                               live_strength, live_drawn, live_redraw],
+                        outputs=live_redraw, queue=False, api_visibility="private")
+        live_tab.select(lambda: gr.Timer(active=True), outputs=live_timer, queue=False, api_visibility="private")
+        gr.on([compare_tab.select, refine_tab.select], lambda: gr.Timer(active=False), outputs=live_timer,
+              queue=False, api_visibility="private")
         live_methods_box.input(runs.live_columns, inputs=[family_box, live_methods_box],
                                outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
         api_live, api_live_validate = live_api(engine, family)
@@ -893,17 +919,23 @@ class PanelView:
                     caption=self.caption, steps=self.steps, guidance=self.guidance, note=self.note, code=self.code)
 
 
-class LivePanelView:
-    """One method's live frame: its image and caption (prompt, seed, milliseconds per frame)."""
+class OutputPanelView:
+    """One method's panel in the Refine or Live tab: shown when the method is chosen there. `details`: a status
+    line (progress) and the code, as refine panels have; live panels have image and caption only."""
 
-    def __init__(self, family: str, method: str, visible: bool):
+    def __init__(self, kind: str, family: str, method: str, visible: bool, details: bool):
         spec = panel_spec(family, method)
-        with gr.Column(elem_classes=["fg-panel", "fg-live-panel"], variant="panel", visible=visible,
+        with gr.Column(elem_classes=["fg-panel", f"fg-{kind}-panel"], variant="panel", visible=visible,
                        min_width=200) as self.column:
             self.title = gr.Markdown(f"### {spec.label if spec else method}")
             self.image = gr.Image(type="pil", format="png", interactive=False, show_label=False, height=256,
                                   buttons=["download", "fullscreen"], elem_classes="fg-image")
+            self.status = gr.HTML() if details else None
             self.caption = gr.Markdown(elem_classes="fg-caption")
+            self.code = None
+            if details:
+                with gr.Accordion("Code", open=False):
+                    self.code = gr.Code(language="python", show_label=False, interactive=False)
 
 
 SKETCH_COLORS = ["#dc2828", "#28aa46", "#285adc", "#ebcd28", "#8c46be", "#f08c1e", "#191919", "#ebebeb"]
@@ -913,22 +945,6 @@ def white_canvas():
     from PIL import Image
 
     return Image.new("RGB", (256, 256), "white")
-
-
-class RefinePanelView:
-    """The components of one method's refine panel: shown when the method is chosen to refine with."""
-
-    def __init__(self, family: str, method: str, visible: bool):
-        spec = panel_spec(family, method)
-        with gr.Column(elem_classes=["fg-panel", "fg-refine-panel"], variant="panel", visible=visible,
-                       min_width=200) as self.column:
-            self.title = gr.Markdown(f"### {spec.label if spec else method}")
-            self.image = gr.Image(type="pil", format="png", interactive=False, show_label=False, height=256,
-                                  buttons=["download", "fullscreen"], elem_classes="fg-image")
-            self.status = gr.HTML()
-            self.caption = gr.Markdown(elem_classes="fg-caption")
-            with gr.Accordion("Code", open=False):
-                self.code = gr.Code(language="python", show_label=False, interactive=False)
 
 
 def panel_spec(family: str, method: str):

@@ -62,9 +62,46 @@ def frames_in_process(family: str, frames: int) -> None:
                   f"{max(times):.0f} | {1000 / median:.1f} |", flush=True)
 
 
-def served_waits(family: str) -> None:
+def queue_waits(url: str, compares: int = 3, pause: float = 0.3) -> tuple[list[float], list[float]]:
+    """One client sends live frames back to back (the next after the last came back, as the Live tab's
+    always-last events do while someone types); another submits `compare` `compares` times. Returns (the live
+    round trips, each compare's wait in the queue: submit -> processing), in seconds."""
     from gradio_client import Client
     from gradio_client.utils import Status
+
+    typist, other = Client(url, verbose=False), Client(url, verbose=False)
+    frames, stop = [], threading.Event()
+
+    def typing():
+        i = 0
+        while not stop.is_set():
+            start = time.perf_counter()
+            typist.predict(prompt=f"a red circle {i}", seed=i, method="turbo", api_name="/live")
+            frames.append(time.perf_counter() - start)
+            i += 1
+
+    thread = threading.Thread(target=typing, daemon=True)
+    thread.start()
+    waits = []
+    try:
+        while len(frames) < 3:  # frames are flowing
+            time.sleep(0.05)
+        for _ in range(compares):
+            job = other.submit(prompt="a blue square", methods=["turbo"], api_name="/compare")
+            submitted = time.perf_counter()
+            while job.status().code not in (Status.PROCESSING, Status.FINISHED):
+                time.sleep(0.002)
+            waits.append(time.perf_counter() - submitted)
+            job.result(timeout=120)
+            time.sleep(pause)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    return frames, waits
+
+
+def served_waits(family: str) -> None:
+    from gradio_client import Client
 
     import app
     from fastgen.engine import Engine
@@ -75,33 +112,8 @@ def served_waits(family: str) -> None:
     demo = app.create_demo(Engine(device="cpu"), family=family)
     _, url, _ = app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
-        typist, other = Client(url, verbose=False), Client(url, verbose=False)
-        other.predict(prompt="a blue square", methods=["turbo"], api_name="/compare")  # loads what compare needs
-        frames, stop = [], threading.Event()
-
-        def typing():
-            i = 0
-            while not stop.is_set():
-                start = time.perf_counter()
-                typist.predict(prompt=f"a red circle {i}", seed=i, method="turbo", api_name="/live")
-                frames.append(time.perf_counter() - start)
-                i += 1
-
-        thread = threading.Thread(target=typing, daemon=True)
-        thread.start()
-        while len(frames) < 5:
-            time.sleep(0.05)
-        waits = []
-        for _ in range(3):
-            job = other.submit(prompt="a blue square", methods=["turbo"], api_name="/compare")
-            submitted = time.perf_counter()
-            while job.status().code not in (Status.PROCESSING, Status.FINISHED):
-                time.sleep(0.002)
-            waits.append(time.perf_counter() - submitted)
-            job.result(timeout=120)
-            time.sleep(0.3)
-        stop.set()
-        thread.join(timeout=60)
+        Client(url, verbose=False).predict(prompt="a blue square", methods=["turbo"], api_name="/compare")  # load
+        frames, waits = queue_waits(url)
         print(f"live round trips while typing: {len(frames)} frames, median {1000 * statistics.median(frames):.0f} ms, "
               f"max {1000 * max(frames):.0f} ms")
         print("compare's wait in the queue behind live use: " + ", ".join(f"{1000 * w:.0f} ms" for w in waits))

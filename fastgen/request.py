@@ -251,16 +251,21 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
 
 # --- the request ---------------------------------------------------------------------------------------------
 
-def _shared_fields(data: Mapping, fields: tuple[str, ...], family) -> tuple:
-    """What every request has, checked in the order the APIs list it: (family, prompt, seed, negative prompt,
-    methods). `fields` are the request's own; any other key is refused."""
+def _head(data: Mapping, fields: tuple[str, ...], family) -> tuple:
+    """What every request starts with, checked in the order the APIs list it: (family, prompt, seed). `fields`
+    are the request's own; any other key is refused."""
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {fields}")
     chosen = data.get("family")
     fam = check_family(family if chosen is None or chosen == "" else chosen)
     prompt = check_text("prompt", data.get("prompt"), required=True)
-    seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+    return fam, prompt, check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+
+
+def _shared_fields(data: Mapping, fields: tuple[str, ...], family) -> tuple:
+    """A comparison's or a refine's common fields: (family, prompt, seed, negative prompt, methods)."""
+    fam, prompt, seed = _head(data, fields, family)
     negative = data.get("negative_prompt")
     negative = "" if negative is None else check_text("negative_prompt", negative, required=False)
     return fam, prompt, seed, negative, check_methods(fam, data.get("methods"))
@@ -366,13 +371,7 @@ class LiveRequest:
 
     @classmethod
     def parse(cls, data: Mapping, family: str | Family | None = None) -> LiveRequest:
-        unknown = [k for k in data if k not in LIVE_FIELDS]
-        if unknown:
-            raise RequestError(str(unknown[0]), f"unknown field {shown(unknown[0])}; fields are {LIVE_FIELDS}")
-        chosen = data.get("family")
-        fam = check_family(family if chosen is None or chosen == "" else chosen)
-        prompt = check_text("prompt", data.get("prompt"), required=True)
-        seed = check_int("seed", data.get("seed", 0), 0, MAX_SEED)
+        fam, prompt, seed = _head(data, LIVE_FIELDS, family)
         method = data.get("method")
         if method is None:
             method = fam.default_methods[0]

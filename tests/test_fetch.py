@@ -130,7 +130,9 @@ def test_dropped_connection_resumes_from_where_it_stopped(online, server, monkey
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_path, stop):
     cache = tmp_path / "cache"
-    env = subprocess_env(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache))
+    # A read timeout longer than the stall: on a loaded machine huggingface_hub's own 10 s timeout could fire
+    # first and retry, and the stop would then land in its retry instead of the read it is meant to interrupt.
+    env = subprocess_env(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DOWNLOAD_TIMEOUT="120")
     command = [sys.executable, "-m", "fastgen", "download", "--family", "sdxl", "--methods", "turbo,baseline"]
     server.stall[BASE_UNET] = 60  # half of the base UNet arrives, then the download is stopped
     run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

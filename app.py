@@ -36,6 +36,7 @@ import gradio as gr
 from fastgen import present
 from fastgen.engine import Engine, RunStopped, MissingWeightsError, default_family
 from fastgen.present import Board, Draft
+from fastgen.remote import RemoteEngine, RemoteFailure
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
 from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, REFINE_FIELDS, CompareRequest,
@@ -44,9 +45,11 @@ from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, RE
 
 log = logging.getLogger("fastgen.app")
 
-# Errors whose message is meant for the user: bad input (ValueError) and weights not on this machine.
-KNOWN_ERRORS = (ValueError, MissingWeightsError)
+# Errors whose message is meant for the user: bad input (ValueError), weights not on this machine, and a panel
+# that failed on the serving backend.
+KNOWN_ERRORS = (ValueError, MissingWeightsError, RemoteFailure)
 QUEUE_SIZE = 16  # waiting runs beyond this get Gradio's "This application is currently busy"
+REMOTE_SLOTS = 8  # jobs sent to a serving backend at once (python app.py --backend URL)
 EXPORT_MAX_AGE = 3600  # seconds a download stays on disk
 GPU = "gpu"  # the one concurrency group every model call joins: one job on the accelerator at a time
 # Families cheap enough (seconds on any CPU) to run the first example as soon as the page opens. Not the
@@ -622,11 +625,19 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
 def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.Blocks:
     """Build the page. Nothing loads here: weights load on the first Generate, through the engine's cache."""
     engine = engine or Engine()
-    family, notice = pick_family(family)
+    remote = isinstance(engine, RemoteEngine)
+    if remote:  # the backend holds the weights: it serves one family, which the page shows
+        family, notice = family or engine.health()["family"], ""
+        selectable, unavailable = [family], ""
+    else:
+        family, notice = pick_family(family)
+        selectable, unavailable = page_families(family)  # families that can run or be fetched now; why not the rest
+    # Jobs that reach the engine at once: one on this machine's accelerator; a serving backend runs panels on its
+    # own replicas, so the page lets several visitors' jobs through to it.
+    slots = REMOTE_SLOTS if remote else 1
     runs = Runs(engine)
-    if ZERO_GPU and not notice:  # jobs run in workers that inherit what the main process loaded: load it now
+    if ZERO_GPU and not notice and not remote:  # jobs run in workers that inherit what the main process loaded
         log.info("loading %s at start-up: %.1f s", family, engine.load(family))
-    selectable, unavailable = page_families(family)  # families that can run or be fetched now; why not the rest
 
     # delete_cache: generated files older than an hour go, checked hourly. No usage analytics leave the server
     # unless the host opts in (GRADIO_ANALYTICS_ENABLED=1).
@@ -783,7 +794,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         runs.bind(named)
         outputs = list(named.values())
         panel_inputs = [c for m in slots for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
-        run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=1, show_progress="minimal",
+        run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=slots, show_progress="minimal",
                         show_progress_on=run_status, api_visibility="private")
 
         gr.on([generate.click, prompt.submit], gpu_task(runs.generate),
@@ -834,7 +845,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                                             refine_methods, keep_outside, resize, draft, refine_board,
                                                             board],
                             validator=runs.validate_refine, outputs=refine_outputs, concurrency_id=GPU,
-                            concurrency_limit=1, show_progress="minimal", show_progress_on=refine_status,
+                            concurrency_limit=slots, show_progress="minimal", show_progress_on=refine_status,
                             api_name="refine_page", api_visibility="private")  # "refine" is the API's
         refine_stop.click(runs.stop, queue=False, api_visibility="private")
         refine_methods.input(lambda fam, d, chosen: runs.by_component(
@@ -852,7 +863,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
                sketch.change, live_strength.release, live_tab.select, live_redraw.change], gpu_task(runs.live),
               inputs=live_inputs,
-              outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=1,
+              outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=slots,
               show_progress="hidden", api_name="live_page", api_visibility="private")
         live_timer.tick(live_catch_up, inputs=[live_prompt, live_seed, live_vary, live_methods_box, live_sketching,
                                                live_strength, live_drawn, live_redraw],
@@ -864,13 +875,13 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
         api_live, api_live_validate = live_api(engine, family)
         api_live_button.click(api_live, inputs=api_live_in, outputs=api_live_out, api_name="live",
-                              validator=api_live_validate, concurrency_id=GPU, concurrency_limit=1)
+                              validator=api_live_validate, concurrency_id=GPU, concurrency_limit=slots)
         api_refine, api_refine_validate = refine_api(engine, family)
         api_refine_button.click(api_refine, inputs=api_refine_in, outputs=api_refine_out, api_name="refine",
-                                validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=1)
+                                validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=slots)
         api_compare, api_validate = compare_api(engine, family)
         api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
-                         concurrency_id=GPU, concurrency_limit=1)
+                         concurrency_id=GPU, concurrency_limit=slots)
     return demo
 
 
@@ -1059,10 +1070,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--backend", default=os.environ.get("FASTGEN_BACKEND"),
+                        help="URL of `python -m fastgen serve`: model work runs there (default: in this process)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
-    app = demo if args.family is None else create_demo(family=args.family)
+    if args.backend:
+        app = create_demo(RemoteEngine(args.backend), family=args.family)
+    else:
+        app = demo if args.family is None else create_demo(family=args.family)
     launch(app, host=args.host, port=args.port)
 
 
@@ -1073,7 +1089,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **k
                       footer_links=["api"], **kwargs)
 
 
-demo = create_demo()
+demo = create_demo(RemoteEngine(os.environ["FASTGEN_BACKEND"]) if os.environ.get("FASTGEN_BACKEND") else None)
 
 if __name__ == "__main__":
     main()

@@ -141,6 +141,12 @@ def refine(args) -> int:
     return _write(comparison, Path(args.out), lines)
 
 
+def serve(args) -> int:
+    from fastgen import serve as serving  # deferred: Ray is only needed here
+
+    return serving.main(args)
+
+
 def download(args) -> int:
     from fastgen import fetch, hub
 
@@ -286,6 +292,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
     p.set_defaults(run=refine)
+
+    p = commands.add_parser("serve", help="serve the methods on Ray Serve: an HTTP API the page can use "
+                                          "(python app.py --backend URL)")
+    p.add_argument("--family", choices=list(FAMILIES), default=None, help="the family to serve (default: mini)")
+    p.add_argument("--methods", help="comma-separated (default: all of the family's)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per deployment group (default 1)")
+    p.add_argument("--max-replicas", type=int, help="autoscale each group between --replicas and this")
+    p.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; fractions share a GPU (default: 1 "
+                                                          "when the Ray cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=serve)
 
     p = commands.add_parser("download", help="fetch only the files a family needs")
     family_options(p)

@@ -1,0 +1,280 @@
+"""FastGen on Ray Serve: the methods as deployments grouped by the weights they share, one HTTP ingress in front
+with the page's request schema. The page (and any HTTP client) sends model work here; `fastgen.remote` is the
+client the page uses.
+
+    python -m fastgen serve --family sdxl --replicas 2 --port 8000      # one GPU per replica on CUDA
+    python app.py --backend http://127.0.0.1:8000                        # the page in front of it
+
+    POST /compare   the `compare` fields (JSON)  -> one JSON line per finished method (results.json fields,
+                                                    "image": the PNG as base64), fastest panel first
+    POST /run       the same fields, one method  -> that method's line
+    POST /refine    REFINE_FIELDS + "image" (+ "mask"), PNGs as base64 -> one line per method
+    GET  /health    the family, the deployment groups and the replicas' state
+
+Panels of one comparison run in parallel, each on its group's deployment, so a comparison takes about as long
+as its slowest panel. A bad request gets status 400 and the request schema's message and field, as the page's
+API does. A replica that dies mid-request fails its panel (kind "replica-died"); the other panels complete, and
+Serve starts a new replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+
+from fastgen.registry import Family, MethodSpec, get_family
+
+logger = logging.getLogger(__name__)
+
+
+# --- which methods share a deployment ----------------------------------------------------------------------
+
+def _unet_source(spec: MethodSpec) -> tuple:
+    """Where a method's UNet comes from; adapters (LoRAs) ride on their pipeline's own UNet."""
+    if spec.unet_repo is None:
+        return (spec.repo,)
+    return (spec.unet_repo, spec.unet_subfolder, spec.unet_weight_name, tuple(f.weight_name for f in spec.step_files))
+
+
+def groups(family: str | Family, methods: list[str] | None = None) -> dict[str, list[str]]:
+    """Deployment name -> methods, grouped by the UNet they run on: the reference and every adapter method on
+    its UNet (LCM-LoRA, Hyper-SD) share one deployment, each distilled UNet (Turbo, LCM, Lightning, DMD2) has its
+    own, so no UNet is held by two deployments."""
+    family = get_family(family)
+    chosen = methods or list(family.method_names)
+    by_unet: dict[tuple, list[str]] = {}
+    for name in family.method_names:
+        if name in chosen:
+            by_unet.setdefault(_unet_source(family.method(name)), []).append(name)
+    return {"+".join(names): names for names in by_unet.values()}
+
+
+# --- results over the wire ---------------------------------------------------------------------------------
+
+def png64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def from_png64(text: str, field: str = "image"):
+    """A base64 PNG (or any image file) sent in a request, or a RequestError naming the field."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fastgen.request import RequestError
+
+    if not isinstance(text, str):
+        raise RequestError(field, f"`{field}` must be a base64-encoded image file, got {type(text).__name__}")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        image.load()
+    except (ValueError, UnidentifiedImageError, OSError):
+        raise RequestError(field, f"`{field}` must be a base64-encoded image file (PNG), and could not be read") \
+            from None
+    return image
+
+
+def outcome_line(outcome) -> dict:
+    """A MethodResult as its results.json fields plus "image" (PNG, base64); a MethodFailure as its fields plus
+    "failed": true."""
+    from fastgen.results import MethodFailure
+
+    if isinstance(outcome, MethodFailure):
+        return {**outcome.to_dict(), "failed": True}
+    return {**outcome.to_dict(), "image": png64(outcome.image)}
+
+
+# --- the deployments ----------------------------------------------------------------------------------------
+
+class Methods:
+    """One deployment: an Engine (with its shared cache) for a group of methods of one family."""
+
+    def __init__(self, family: str, methods: list[str], device: str | None = None, threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from fastgen.engine import Engine
+
+        self.family, self.methods = get_family(family), list(methods)
+        self.engine = Engine(device=device)
+
+    def run(self, request: dict) -> dict:
+        """One panel: the compare fields for one method (checked again here, as every engine call is)."""
+        method = request.pop("method")
+        outcome = next(self.engine.iter_compare(self.family, request.pop("prompt"), [method], **request))
+        return outcome_line(outcome)
+
+    def refine(self, request: dict) -> dict:
+        method = request.pop("method")
+        image = from_png64(request.pop("image"))
+        mask = request.pop("mask", None)
+        mask = None if mask is None else from_png64(mask, "mask")
+        outcome = next(self.engine.iter_refine(self.family, image, request.pop("prompt"), [method], mask=mask,
+                                               **request))
+        return outcome_line(outcome)
+
+    def health(self) -> dict:
+        return {"methods": self.methods, "device": self.engine.device, "cache": self.engine.cache.report()}
+
+
+class Ingress:
+    """The HTTP front: checks each request with the page's schema, then runs its panels in parallel on their
+    groups' deployments and streams each as it finishes."""
+
+    def __init__(self, family: str, members: dict[str, list[str]], handles: dict):
+        self.family = get_family(family)
+        self.members = members
+        self.handles = handles  # group name -> DeploymentHandle
+        self.group_of = {m: g for g, ms in members.items() for m in ms}
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        from fastgen.request import RequestError
+
+        path, verb = request.url.path.rstrip("/") or "/", request.method
+        try:
+            if (verb, path) == ("GET", "/health"):
+                return JSONResponse(await self.health())
+            if verb != "POST" or path not in ("/compare", "/run", "/refine"):
+                return JSONResponse({"error": f"no route {verb} {path}"}, status_code=404)
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                raise RequestError("body", "the body must be a JSON object") from None
+            if not isinstance(body, dict):
+                raise RequestError("body", "the body must be a JSON object")
+            jobs = self.refine_jobs(body) if path == "/refine" else self.compare_jobs(body, one=path == "/run")
+        except RequestError as error:
+            return JSONResponse({"error": str(error), "field": error.field}, status_code=400)
+        if path == "/run":
+            return JSONResponse(await self.finish(*jobs[0]))
+        return StreamingResponse(self.stream(jobs), media_type="application/x-ndjson")
+
+    def compare_jobs(self, body: dict, one: bool) -> list[tuple]:
+        from fastgen.present import run_order
+        from fastgen.request import CompareRequest, RequestError
+
+        fields = dict(body)
+        method = fields.pop("method", None) if one else None
+        if one:
+            if not isinstance(method, str):
+                raise RequestError("method", f"`method` must name one of {self.family.method_names}")
+            fields["methods"] = [method]
+        req = CompareRequest.parse(fields, family=self.family)
+        self.served(req.methods)
+        kwargs = req.engine_kwargs()
+        steps, guidance = kwargs.pop("steps") or {}, kwargs.pop("guidance") or {}
+        order = run_order(self.family.name, req.methods, {m: steps.get(m, self.family.method(m).steps)
+                                                           for m in req.methods},
+                          {m: guidance.get(m, self.family.method(m).guidance) for m in req.methods})
+        return [(m, "run", {**kwargs, "method": m, "prompt": req.prompt,
+                            "steps": {m: steps[m]} if m in steps else None,
+                            "guidance": {m: guidance[m]} if m in guidance else None}) for m in order]
+
+    def refine_jobs(self, body: dict) -> list[tuple]:
+        from fastgen.engine import Engine
+        from fastgen.request import RefineRequest
+
+        image = from_png64(body.get("image"))
+        mask = body.get("mask")
+        mask = None if mask is None else from_png64(mask, "mask")
+        req = RefineRequest.parse({k: v for k, v in body.items() if k not in ("image", "mask")}, family=self.family)
+        self.served(req.methods)
+        Engine.check_refine(self.family, list(req.methods), image, mask, req.strength, req.steps, req.guidance,
+                            req.keep_outside, req.resize)
+        kwargs = req.engine_kwargs()
+        steps, guidance = kwargs.pop("steps") or {}, kwargs.pop("guidance") or {}
+        extra = {"image": body["image"], **({"mask": body["mask"]} if mask is not None else {})}
+        return [(m, "refine", {**kwargs, **extra, "method": m, "prompt": req.prompt,
+                               "steps": {m: steps[m]} if m in steps else None,
+                               "guidance": {m: guidance[m]} if m in guidance else None}) for m in req.methods]
+
+    def served(self, methods) -> None:
+        from fastgen.request import RequestError
+
+        missing = [m for m in methods if m not in self.group_of]
+        if missing:
+            raise RequestError("methods", f"`methods` must be chosen from the served ones {list(self.group_of)}, "
+                                          f"got {missing}")
+
+    async def finish(self, method: str, call: str, payload: dict) -> dict:
+        """One panel on its group's deployment; a replica that dies on the way fails this panel only."""
+        handle = self.handles[self.group_of[method]]
+        try:
+            return await getattr(handle, call).remote(payload)
+        except Exception as error:  # RayActorError and kin: the replica is gone; Serve replaces it
+            logger.warning("%s/%s: its replica failed (%s)", self.family.name, method, type(error).__name__)
+            return {"method": method, "label": self.family.method(method).label, "kind": "replica-died",
+                    "message": f"{self.family.method(method).label}: its server process stopped during the run "
+                               f"({type(error).__name__}); try again", "failed": True}
+
+    async def stream(self, jobs: list[tuple]):
+        tasks = [asyncio.ensure_future(self.finish(*job)) for job in jobs]
+        for done in asyncio.as_completed(tasks):
+            yield json.dumps(await done) + "\n"
+
+    async def health(self) -> dict:
+        replicas = {}
+        for group, handle in self.handles.items():
+            try:
+                replicas[group] = await handle.health.remote()
+            except Exception as error:
+                replicas[group] = {"error": type(error).__name__}
+        return {"ok": all("error" not in r for r in replicas.values()), "family": self.family.name,
+                "groups": self.members, "replicas": replicas}
+
+
+# --- building and running the application --------------------------------------------------------------------
+
+def build(family: str | Family, methods: list[str] | None = None, replicas: int = 1,
+          gpus_per_replica: float | None = None, cpus_per_replica: float = 1.0, threads: int | None = None,
+          max_replicas: int | None = None):
+    """The Serve application: one `Methods` deployment per group (`replicas` each, or autoscaling between
+    `replicas` and `max_replicas`), and the ingress. gpus_per_replica None: 1 when the cluster has GPUs, else 0
+    (CPU); fractions share a GPU between replicas."""
+    import ray
+    from ray import serve
+
+    family = get_family(family)
+    members = groups(family, methods)
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    device = "cuda" if gpus_per_replica > 0 else "cpu"
+    scaling = ({"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas}}
+               if max_replicas and max_replicas > replicas else {"num_replicas": replicas})
+    handles = {}
+    for name, names in members.items():
+        deployment = serve.deployment(Methods).options(
+            name=f"methods-{name}", ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+            max_ongoing_requests=4, **scaling)
+        handles[name] = deployment.bind(family.name, names, device, threads)
+    ingress = serve.deployment(Ingress).options(name="ingress", ray_actor_options={"num_cpus": 0})
+    return ingress.bind(family.name, members, handles)
+
+
+def main(args) -> int:
+    """`python -m fastgen serve`: start (or join) Ray, deploy, and serve until interrupted."""
+    import os
+    import time
+
+    import ray
+    from ray import serve
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build(args.family or "mini", args.methods.split(",") if args.methods else None, args.replicas,
+                args.gpus_per_replica, args.cpus_per_replica, max_replicas=args.max_replicas)
+    serve.run(app, name="fastgen", route_prefix="/")
+    print(f"serving {args.family or 'mini'} on http://{args.host}:{args.port} (groups: "
+          f"{', '.join(groups(args.family or 'mini', args.methods.split(',') if args.methods else None))})")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        return 130

@@ -1,0 +1,159 @@
+"""The methods on Ray Serve (a local Ray on this machine's CPUs) serving the shipped mini family: HTTP answers
+equal the in-process engine pixel for pixel, panels run in parallel and stream as they finish, bad input gets
+the schema's message, a replica killed mid-request fails its panel only, and the page runs against it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from fastgen.registry import MINI_WEIGHTS
+from fastgen.serve import from_png64, groups
+
+pytestmark = pytest.mark.slow
+PROMPT = "a large red circle on a blue background"
+
+
+def test_groups_follow_the_unet_each_method_runs_on():
+    assert groups("mini") == {"turbo": ["turbo"], "lcm": ["lcm"], "lcm-lora+baseline": ["lcm-lora", "baseline"]}
+    sdxl = groups("sdxl")
+    assert sdxl["lcm-lora+hyper-sd+baseline"] == ["lcm-lora", "hyper-sd", "baseline"]
+    assert {"turbo", "lcm", "lightning", "dmd2"} <= set(sdxl)  # each distilled UNet alone
+    assert groups("sdxl", ["turbo", "baseline"]) == {"turbo": ["turbo"], "baseline": ["baseline"]}
+
+
+@pytest.fixture(scope="module")
+def served():
+    if not (MINI_WEIGHTS / "base" / "model_index.json").exists():
+        pytest.skip("the mini family's weights are not in this checkout")
+    import ray
+    from ray import serve
+
+    from fastgen.serve import build
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # cpus_per_replica 0: three deployments on two CPUs; one torch thread each keeps them from thrashing
+    serve.run(build("mini", cpus_per_replica=0, threads=1), name="fastgen", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """The replicas run torch on one thread; so does this process's engine while it checks them, so that sums
+    are taken in the same order and images agree bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def post(url, path, body):
+    import httpx
+
+    with httpx.Client(timeout=300) as client:
+        start = time.perf_counter()
+        with client.stream("POST", url + path, json=body) as reply:
+            lines = []
+            for line in reply.iter_lines():
+                if line.strip():
+                    lines.append((time.perf_counter() - start, json.loads(line)))
+            return reply.status_code, lines
+
+
+def test_compare_streams_the_in_process_images_as_they_finish(served, one_thread):
+    from fastgen.engine import Engine
+
+    status, lines = post(served, "/compare", {"prompt": PROMPT, "seed": 5, "steps": {"baseline": 20}})
+    assert status == 200
+    order = [line["method"] for _, line in lines]
+    assert sorted(order) == ["baseline", "lcm", "lcm-lora", "turbo"]
+    assert order[-1] == "baseline" and order[0] == "turbo"  # the 20-step baseline finishes last
+    engine = Engine(device="cpu")
+    for _, line in lines:
+        own = engine.run("mini", line["method"], PROMPT, seed=5, steps=line["steps"])
+        assert np.array_equal(np.asarray(from_png64(line["image"]).convert("RGB")), np.asarray(own.image))
+        assert line["code"] == own.code
+
+
+def test_bad_input_gets_the_schemas_message_and_field(served):
+    from fastgen.request import CompareRequest, RequestError
+
+    status, lines = post(served, "/compare", {"prompt": PROMPT, "seed": 2.7})
+    assert status == 400
+    with pytest.raises(RequestError) as expected:
+        CompareRequest.parse({"prompt": PROMPT, "seed": 2.7}, family="mini")
+    assert lines[0][1] == {"error": str(expected.value), "field": "seed"}
+    status, lines = post(served, "/refine", {"prompt": PROMPT, "image": "not base64"})
+    assert status == 400 and lines[0][1]["field"] == "image"
+
+
+def test_refine_over_http_equals_the_engine(served, one_thread):
+    from fastgen.engine import Engine
+    from fastgen.serve import png64
+    from tests.test_refine import centre_mask, source_image
+
+    status, lines = post(served, "/refine", {"prompt": PROMPT, "seed": 2, "methods": ["turbo", "lcm"],
+                                             "strength": 0.9, "keep_outside": True,
+                                             "image": png64(source_image()), "mask": png64(centre_mask())})
+    assert status == 200 and len(lines) == 2
+    engine = Engine(device="cpu")
+    for _, line in lines:
+        own = engine.refine("mini", line["method"], source_image(), PROMPT, mask=centre_mask(), seed=2,
+                            strength=0.9, keep_outside=True)
+        assert np.array_equal(np.asarray(from_png64(line["image"]).convert("RGB")), np.asarray(own.image))
+        assert line["mode"] == "inpaint" and line["outside_change"]["max"] == 0
+
+
+def test_a_replica_killed_mid_request_fails_its_panel_and_the_others_complete(served):
+    import threading
+
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "methods-lcm-lora+baseline" in a["name"] and "REPLICA" in a["name"].upper()]
+    assert names, ray.util.list_named_actors(all_namespaces=True)
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    timer = threading.Timer(1.0, lambda: ray.kill(replica, no_restart=False))
+    timer.start()
+    status, lines = post(served, "/compare", {"prompt": PROMPT, "seed": 1, "steps": {"baseline": 100},
+                                              "methods": ["turbo", "lcm", "baseline"]})
+    timer.join()
+    by_method = {line["method"]: line for _, line in lines}
+    assert by_method["baseline"]["failed"] is True and by_method["baseline"]["kind"] == "replica-died"
+    assert "image" in by_method["turbo"] and "image" in by_method["lcm"]
+    deadline = time.monotonic() + 120  # Serve starts a new replica: the next request is served
+    while True:
+        status, lines = post(served, "/run", {"prompt": PROMPT, "method": "baseline", "steps": {"baseline": 2}})
+        if status == 200 and "image" in lines[0][1]:
+            break
+        assert time.monotonic() < deadline, lines
+        time.sleep(2)
+
+
+def test_the_page_runs_on_the_backend(served):
+    import app
+    from fastgen.remote import RemoteEngine
+
+    engine = RemoteEngine(served)
+    runs = app.Runs(engine)
+    comparison = engine.compare("mini", PROMPT, ["turbo", "baseline"], seed=3, steps={"baseline": 5})
+    assert [r.method for r in comparison.results] == ["turbo", "baseline"] and not comparison.failures
+    updates = list(runs.rerun("turbo", None, None, True, 1, 0.0))  # no board yet: nothing to rerun
+    assert updates == [{}]
+    frame = runs.live("mini", PROMPT, 0, False, ["turbo"], False, None, 0.7)
+    assert "ms** per frame" in frame["live.turbo.caption"]
+    health = engine.health()
+    assert health["ok"] and health["family"] == "mini" and set(health["groups"]) == set(groups("mini"))

@@ -255,19 +255,25 @@ def parser() -> argparse.ArgumentParser:
                                       "with LCM-LoRA applied on it")
         p.add_argument("--variant", help="weight variant of --base (e.g. fp16), if it ships one")
 
+    def run_options(p):
+        p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
+        p.add_argument("--guidance", type=_pairs(float), action="append", default=[], metavar="METHOD=G")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--negative", default="", help="negative prompt (ignored by methods without CFG)")
+
+    def engine_options(p):
+        p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
+        p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
+        p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+
     p = commands.add_parser("compare", help="run methods on one prompt and seed, side by side")
     p.add_argument("prompt")
     family_options(p)
     p.add_argument("--methods", help="comma-separated, in order (default: turbo,lcm,lcm-lora,baseline)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, default=None, help="WxH for every method, or native (default)")
-    p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
-    p.add_argument("--guidance", type=_pairs(float), action="append", default=[], metavar="METHOD=G")
-    p.add_argument("--negative", default="", help="negative prompt (ignored by methods without CFG)")
+    run_options(p)
     p.add_argument("--out", default="out", help="folder for <method>.png, grid.png, results.json")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
-    p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
-    p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+    engine_options(p)
     p.set_defaults(run=compare)
 
     p = commands.add_parser("refine", help="refine an image (image-to-image, or inpainting with --mask), method by "
@@ -279,18 +285,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated, in order (default: the family's shown methods)")
     p.add_argument("--strength", type=float, help="share of the schedule redone, in (0, 1] (default: each method's: "
                                                   "its model card's)")
-    p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
-    p.add_argument("--guidance", type=_pairs(float), action="append", default=[], metavar="METHOD=G")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--negative", default="", help="negative prompt (ignored by methods without CFG)")
+    run_options(p)
     p.add_argument("--keep-outside", action="store_true", help="inpaint: paste the source back outside the mask")
     p.add_argument("--resize", action="store_true",
                    help="fit the image (and mask) to each method's native size: longer side, multiples of 8")
     p.add_argument("--out", default="refined", help="folder for <method>.png, grid.png, results.json (default: "
                                                    "refined)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
-    p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
-    p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+    engine_options(p)
     p.set_defaults(run=refine)
 
     p = commands.add_parser("serve", help="serve the methods on Ray Serve: an HTTP API the page can use "

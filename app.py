@@ -634,7 +634,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         selectable, unavailable = page_families(family)  # families that can run or be fetched now; why not the rest
     # Jobs that reach the engine at once: one on this machine's accelerator; a serving backend runs panels on its
     # own replicas, so the page lets several visitors' jobs through to it.
-    slots = REMOTE_SLOTS if remote else 1
+    gpu_jobs = REMOTE_SLOTS if remote else 1
     runs = Runs(engine)
     if ZERO_GPU and not notice and not remote:  # jobs run in workers that inherit what the main process loaded
         log.info("loading %s at start-up: %.1f s", family, engine.load(family))
@@ -794,7 +794,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         runs.bind(named)
         outputs = list(named.values())
         panel_inputs = [c for m in slots for c in (panels[m].toggle, panels[m].steps, panels[m].guidance)]
-        run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=slots, show_progress="minimal",
+        run_args = dict(outputs=outputs, concurrency_id=GPU, concurrency_limit=gpu_jobs, show_progress="minimal",
                         show_progress_on=run_status, api_visibility="private")
 
         gr.on([generate.click, prompt.submit], gpu_task(runs.generate),
@@ -845,7 +845,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                                             refine_methods, keep_outside, resize, draft, refine_board,
                                                             board],
                             validator=runs.validate_refine, outputs=refine_outputs, concurrency_id=GPU,
-                            concurrency_limit=slots, show_progress="minimal", show_progress_on=refine_status,
+                            concurrency_limit=gpu_jobs, show_progress="minimal", show_progress_on=refine_status,
                             api_name="refine_page", api_visibility="private")  # "refine" is the API's
         refine_stop.click(runs.stop, queue=False, api_visibility="private")
         refine_methods.input(lambda fam, d, chosen: runs.by_component(
@@ -863,7 +863,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
                sketch.change, live_strength.release, live_tab.select, live_redraw.change], gpu_task(runs.live),
               inputs=live_inputs,
-              outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=slots,
+              outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=gpu_jobs,
               show_progress="hidden", api_name="live_page", api_visibility="private")
         live_timer.tick(live_catch_up, inputs=[live_prompt, live_seed, live_vary, live_methods_box, live_sketching,
                                                live_strength, live_drawn, live_redraw],
@@ -875,13 +875,13 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
         api_live, api_live_validate = live_api(engine, family)
         api_live_button.click(api_live, inputs=api_live_in, outputs=api_live_out, api_name="live",
-                              validator=api_live_validate, concurrency_id=GPU, concurrency_limit=slots)
+                              validator=api_live_validate, concurrency_id=GPU, concurrency_limit=gpu_jobs)
         api_refine, api_refine_validate = refine_api(engine, family)
         api_refine_button.click(api_refine, inputs=api_refine_in, outputs=api_refine_out, api_name="refine",
-                                validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=slots)
+                                validator=api_refine_validate, concurrency_id=GPU, concurrency_limit=gpu_jobs)
         api_compare, api_validate = compare_api(engine, family)
         api_button.click(api_compare, inputs=api_in, outputs=api_out, api_name="compare", validator=api_validate,
-                         concurrency_id=GPU, concurrency_limit=slots)
+                         concurrency_id=GPU, concurrency_limit=gpu_jobs)
     return demo
 
 

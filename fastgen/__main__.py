@@ -302,7 +302,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, help="autoscale each group between --replicas and this")
     p.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; fractions share a GPU (default: 1 "
                                                           "when the Ray cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float, help="default: 1 with GPUs; on CPUs alone, the CPUs "
+                                                          "shared out so every replica is scheduled")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(run=serve)

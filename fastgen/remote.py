@@ -39,6 +39,11 @@ def _result(line: dict) -> MethodResult | MethodFailure:
     return MethodResult(image=from_png64(line["image"]).convert("RGB"), **values)
 
 
+def _in_order(outcomes, family, methods) -> list:
+    order = list(methods or get_family(family).default_methods)
+    return sorted(outcomes, key=lambda o: order.index(o.method) if o.method in order else len(order))
+
+
 class RemoteEngine:
     device = "remote"
     dtype_name = "remote"
@@ -94,7 +99,8 @@ class RemoteEngine:
         return outcome
 
     def compare(self, family, prompt: str, methods: list[str] | None = None, **kwargs) -> Comparison:
-        outcomes = list(self.iter_compare(family, prompt, methods, **kwargs))
+        """All panels, in the order asked (they arrive in the order they finish)."""
+        outcomes = _in_order(self.iter_compare(family, prompt, methods, **kwargs), family, methods)
         return self.comparison(family, prompt, outcomes, negative_prompt=kwargs.get("negative_prompt", ""),
                                seed=kwargs.get("seed", 0))
 
@@ -126,7 +132,7 @@ class RemoteEngine:
         return outcome
 
     def refine_compare(self, family, image, prompt: str, methods: list[str] | None = None, **kwargs) -> Comparison:
-        outcomes = list(self.iter_refine(family, image, prompt, methods, **kwargs))
+        outcomes = _in_order(self.iter_refine(family, image, prompt, methods, **kwargs), family, methods)
         return self.comparison(family, prompt, outcomes, negative_prompt=kwargs.get("negative_prompt", ""),
                                seed=kwargs.get("seed", 0), source=image, mask=kwargs.get("mask"),
                                strength=kwargs.get("strength"))

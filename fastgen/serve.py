@@ -24,6 +24,8 @@ import base64
 import io
 import json
 import logging
+import os
+import time
 
 from fastgen.registry import Family, MethodSpec, get_family
 
@@ -104,18 +106,24 @@ class Methods:
 
     def run(self, request: dict) -> dict:
         """One panel: the compare fields for one method (checked again here, as every engine call is)."""
-        method = request.pop("method")
+        start, method = time.time(), request.pop("method")
         outcome = next(self.engine.iter_compare(self.family, request.pop("prompt"), [method], **request))
-        return outcome_line(outcome)
+        return self.served(outcome, start)
 
     def refine(self, request: dict) -> dict:
-        method = request.pop("method")
+        start, method = time.time(), request.pop("method")
         image = from_png64(request.pop("image"))
         mask = request.pop("mask", None)
         mask = None if mask is None else from_png64(mask, "mask")
         outcome = next(self.engine.iter_refine(self.family, image, request.pop("prompt"), [method], mask=mask,
                                                **request))
-        return outcome_line(outcome)
+        return self.served(outcome, start)
+
+    @staticmethod
+    def served(outcome, start: float) -> dict:
+        """The panel's line with when (wall clock, seconds since the epoch) and where it ran: panels of one
+        comparison on different replicas overlap in time."""
+        return {**outcome_line(outcome), "served": {"start": start, "end": time.time(), "pid": os.getpid()}}
 
     def health(self) -> dict:
         return {"methods": self.methods, "device": self.engine.device, "cache": self.engine.cache.report()}
@@ -232,19 +240,27 @@ class Ingress:
 # --- building and running the application --------------------------------------------------------------------
 
 def build(family: str | Family, methods: list[str] | None = None, replicas: int = 1,
-          gpus_per_replica: float | None = None, cpus_per_replica: float = 1.0, threads: int | None = None,
+          gpus_per_replica: float | None = None, cpus_per_replica: float | None = None, threads: int | None = None,
           max_replicas: int | None = None):
     """The Serve application: one `Methods` deployment per group (`replicas` each, or autoscaling between
     `replicas` and `max_replicas`), and the ingress. gpus_per_replica None: 1 when the cluster has GPUs, else 0
-    (CPU); fractions share a GPU between replicas."""
+    (CPU); fractions share a GPU between replicas. cpus_per_replica None: 1 with GPUs; on CPUs alone, the
+    cluster's CPUs shared out so that every replica is scheduled (2 CPUs, 3 groups: 0.66 each), and as many
+    torch threads per replica as it has whole CPUs (at least 1), so replicas do not oversubscribe the cores."""
     import ray
     from ray import serve
 
     family = get_family(family)
     members = groups(family, methods)
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
     if gpus_per_replica is None:
-        gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus_per_replica = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     device = "cuda" if gpus_per_replica > 0 else "cpu"
+    if cpus_per_replica is None:
+        cpus = resources.get("CPU", 1.0)
+        cpus_per_replica = 1.0 if device == "cuda" else min(1.0, int(100 * cpus / (len(members) * replicas)) / 100)
+    if threads is None and device == "cpu":
+        threads = max(1, int(resources.get("CPU", 1.0) // (len(members) * replicas)))
     scaling = ({"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas}}
                if max_replicas and max_replicas > replicas else {"num_replicas": replicas})
     handles = {}
@@ -271,7 +287,8 @@ def main(args) -> int:
                 args.gpus_per_replica, args.cpus_per_replica, max_replicas=args.max_replicas)
     serve.run(app, name="fastgen", route_prefix="/")
     print(f"serving {args.family or 'mini'} on http://{args.host}:{args.port} (groups: "
-          f"{', '.join(groups(args.family or 'mini', args.methods.split(',') if args.methods else None))})")
+          f"{', '.join(groups(args.family or 'mini', args.methods.split(',') if args.methods else None))})",
+          flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -80,7 +80,15 @@ def test_compare_streams_the_in_process_images_as_they_finish(served, one_thread
     assert status == 200
     order = [line["method"] for _, line in lines]
     assert sorted(order) == ["baseline", "lcm", "lcm-lora", "turbo"]
-    assert order[-1] == "baseline" and order[0] == "turbo"  # the 20-step baseline finishes last
+    assert order[-1] == "baseline"  # the 20-step baseline finishes last
+    ends = [line["served"]["end"] for _, line in lines]
+    assert ends == sorted(ends)  # each line arrives when its panel finishes, not when the slowest does
+    assert lines[0][0] < lines[-1][0] - 0.2
+    # warm now: two panels of one comparison, on two replicas, run at the same time
+    status, warm = post(served, "/compare", {"prompt": PROMPT, "seed": 6, "methods": ["lcm", "baseline"]})
+    lcm, baseline = ({line["method"]: line["served"] for _, line in warm}[m] for m in ("lcm", "baseline"))
+    assert max(lcm["start"], baseline["start"]) < min(lcm["end"], baseline["end"])
+    assert lcm["pid"] != baseline["pid"]
     engine = Engine(device="cpu")
     for _, line in lines:
         own = engine.run("mini", line["method"], PROMPT, seed=5, steps=line["steps"])
@@ -141,6 +149,27 @@ def test_a_replica_killed_mid_request_fails_its_panel_and_the_others_complete(se
             break
         assert time.monotonic() < deadline, lines
         time.sleep(2)
+
+
+def test_the_page_with_a_backend_fills_its_panels(served):
+    """python app.py --backend URL: the page's own API answers with the backend's four panels."""
+    from gradio_client import Client
+    from PIL import Image
+
+    import app
+    from fastgen.remote import RemoteEngine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.create_demo(RemoteEngine(served), family="mini")
+    _, url, _ = app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        images, results = Client(url, verbose=False).predict(prompt=PROMPT, seed=0, api_name="/compare")
+    finally:
+        demo.close()
+    assert [r["method"] for r in results["results"]] == ["turbo", "lcm", "lcm-lora", "baseline"]
+    assert all(Image.open(item["image"]).size == (64, 64) for item in images)
 
 
 def test_the_page_runs_on_the_backend(served):

@@ -135,7 +135,10 @@ def test_interrupted_download_resumes_with_the_files_that_finished(server, tmp_p
     env = subprocess_env(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DOWNLOAD_TIMEOUT="120")
     command = [sys.executable, "-m", "fastgen", "download", "--family", "sdxl", "--methods", "turbo,baseline"]
     server.stall[BASE_UNET] = 60  # half of the base UNet arrives, then the download is stopped
-    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child gets the default SIGINT disposition: it inherits this process's, and a library loaded by an
+    # earlier test may have set it to "ignore", which Python in the child would then keep.
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not list(cache.glob("models--*/blobs/*.incomplete")) or BASE_UNET not in resolved(server):
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()

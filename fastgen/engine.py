@@ -325,6 +325,15 @@ class Engine:
                     guidance=guidance, width=width, height=height)
         pipe, image, timings, loop_steps, flagged, load_seconds = self._execute(
             family, spec, None, args, (family.name, spec.name, width, height), spec.min_steps, on_step, stop)
+        return self._result(spec, pipe, image, timings, loop_steps, flagged, load_seconds, prompt=prompt,
+                            negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                            height=height)
+
+    def _result(self, spec: MethodSpec, pipe, image, timings: dict, loop_steps: int, flagged: bool,
+                load_seconds: float, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
+                width: int, height: int, refine: dict | None = None, **fields) -> MethodResult:
+        """A finished run as its MethodResult: timings, warnings and the snippet (`refine`: a refine's, see
+        method_code); `fields`: a refine's own (mode, strength, outside_change)."""
         cfg = spec.cfg_at(guidance)
         scheduler = pipe.scheduler
         return MethodResult(
@@ -336,8 +345,8 @@ class Engine:
             warnings=self._warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, width, height, flagged),
             code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                              guidance=guidance, width=width, height=height, device=self.device,
-                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__),
-            licence=spec.licence, denoising_steps=loop_steps,
+                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__, refine=refine),
+            licence=spec.licence, denoising_steps=loop_steps, **fields,
         )
 
     def _execute(self, family: Family, spec: MethodSpec, pipeline: str | None, args: dict, warm_key: tuple,
@@ -499,9 +508,7 @@ class Engine:
         return Comparison(family=family.name, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                           device=self.device, dtype=self.dtype_name, results=results,
                           cache=self.cache.report(users), failures=failures, reference=family.reference,
-                          mode="text2img" if source is None else "img2img" if mask is None else "inpaint",
                           strength=strength, source=source, mask=mask)
-
 
     # 5. Refine an image (image-to-image, inpainting) ---------------------------------------------------------
     def refine(self, family: str | Family, method: str, image, prompt: str, *, mask=None,
@@ -515,12 +522,13 @@ class Engine:
         ValueError on bad input, NotAvailable where diffusers has no pipeline for the method and mode,
         MissingWeightsError, or RunStopped."""
         family = get_family(family)
+        spec = family.method(method)
         recipe, source, mask, strength, steps, guidance = self._refine_args(
-            family, family.method(method), image, mask, strength, steps, guidance, keep_outside, resize)
+            family, spec, image, mask, strength, steps, guidance, keep_outside, resize)
         check_int("seed", seed, 0, MAX_SEED)
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)
-        spec = family.method(method).at_steps(steps)
+        spec = spec.at_steps(steps)
         inputs = dict(image=source, strength=strength)
         if mask is not None:  # the inpaint pipelines otherwise draw at the UNet's sample size, resizing the source
             inputs.update(mask_image=mask, width=source.width, height=source.height)
@@ -534,23 +542,12 @@ class Engine:
             if keep_outside:  # a 4-channel UNet blends in latent space: the VAE round trip moves the outside
                 out = pipe.image_processor.apply_overlay(mask, source, out)
             outside = {**outside_change(source, out, mask), "kept": keep_outside}
-        cfg = spec.cfg_at(guidance)
-        scheduler = pipe.scheduler
-        warnings = self._warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, *source.size, flagged)
-        return MethodResult(
-            method=spec.name, label=spec.label, image=out, steps=steps, guidance=guidance, cfg=cfg,
-            scheduler=type(scheduler).__name__, timestep_spacing=scheduler.config.get("timestep_spacing"),
-            width=source.width, height=source.height, seconds=round(sum(timings.values()), 4),
-            load_seconds=round(load_seconds, 4), timings={k: round(v, 4) for k, v in timings.items()},
-            steps_per_second=round(loop_steps / max(timings["denoising"], 1e-9), 3), warnings=warnings,
-            code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                             guidance=guidance, width=source.width, height=source.height, device=self.device,
-                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__,
-                             refine=dict(pipeline=recipe.pipeline, strength=strength, mask=mask is not None,
-                                         keep_outside=keep_outside, resize=source.size if resize else None)),
-            licence=spec.licence, mode=recipe.mode, strength=strength, denoising_steps=loop_steps,
-            outside_change=outside,
-        )
+        return self._result(spec, pipe, out, timings, loop_steps, flagged, load_seconds, prompt=prompt,
+                            negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                            width=source.width, height=source.height,
+                            refine=dict(pipeline=recipe.pipeline, strength=strength, mask=mask is not None,
+                                        keep_outside=keep_outside, resize=source.size if resize else None),
+                            mode=recipe.mode, strength=strength, outside_change=outside)
 
     @staticmethod
     def _refine_args(family: Family, spec: MethodSpec, image, mask, strength, steps, guidance, keep_outside, resize):
@@ -632,6 +629,7 @@ class Engine:
         return self.comparison(family, prompt, outcomes, negative_prompt=kwargs.get("negative_prompt", ""),
                                seed=kwargs.get("seed", 0), source=image, mask=kwargs.get("mask"),
                                strength=kwargs.get("strength"))
+
 
 def outside_change(source, image, mask) -> dict:
     """How far the pixels outside the mask (< 128) moved from the source: mean and max absolute difference per

@@ -145,7 +145,6 @@ class RemoteEngine:
                           device=self.device, dtype=self.dtype_name,
                           results=[o for o in outcomes if isinstance(o, MethodResult)], cache=[],
                           failures=[o for o in outcomes if isinstance(o, MethodFailure)], reference=family.reference,
-                          mode="text2img" if source is None else "img2img" if mask is None else "inpaint",
                           strength=strength, source=source, mask=mask)
 
     def load(self, family, methods=None) -> float:

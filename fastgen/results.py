@@ -70,10 +70,14 @@ class Comparison:
     cache: list[dict]  # ComponentCache.report() rows for the components these methods used
     failures: list[MethodFailure] = field(default_factory=list)  # panels that failed; `results` holds the rest
     reference: str | None = "baseline"  # the family's reference method: speed-ups are measured against it
-    mode: str = "text2img"  # a refine's: "img2img" or "inpaint"
     strength: float | None = None  # a refine's strength for every method (None: each method's default)
     source: Image.Image | None = None  # a refine's source image, and its mask for inpainting
     mask: Image.Image | None = None
+
+    @property
+    def mode(self) -> str:
+        """"text2img"; for a refine "img2img", or "inpaint" when it had a mask."""
+        return "text2img" if self.source is None else "img2img" if self.mask is None else "inpaint"
 
     def result(self, method: str) -> MethodResult:
         for result in self.results:

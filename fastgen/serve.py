@@ -175,14 +175,10 @@ class Ingress:
             fields["methods"] = [method]
         req = CompareRequest.parse(fields, family=self.family)
         self.served(req.methods)
-        kwargs = req.engine_kwargs()
-        steps, guidance = kwargs.pop("steps") or {}, kwargs.pop("guidance") or {}
-        order = run_order(self.family.name, req.methods, {m: steps.get(m, self.family.method(m).steps)
+        order = run_order(self.family.name, req.methods, {m: req.steps.get(m, self.family.method(m).steps)
                                                            for m in req.methods},
-                          {m: guidance.get(m, self.family.method(m).guidance) for m in req.methods})
-        return [(m, "run", {**kwargs, "method": m, "prompt": req.prompt,
-                            "steps": {m: steps[m]} if m in steps else None,
-                            "guidance": {m: guidance[m]} if m in guidance else None}) for m in order]
+                          {m: req.guidance.get(m, self.family.method(m).guidance) for m in req.methods})
+        return self.jobs("run", req, order)
 
     def refine_jobs(self, body: dict) -> list[tuple]:
         from fastgen.engine import Engine
@@ -195,12 +191,18 @@ class Ingress:
         self.served(req.methods)
         Engine.check_refine(self.family, list(req.methods), image, mask, req.strength, req.steps, req.guidance,
                             req.keep_outside, req.resize)
+        extra = {"image": body["image"], **({"mask": body["mask"]} if mask is not None else {})}
+        return self.jobs("refine", req, req.methods, extra)
+
+    @staticmethod
+    def jobs(call: str, req, order, extra: dict | None = None) -> list[tuple]:
+        """(method, deployment call, payload) per method in `order`: the request's engine arguments narrowed to
+        that method's own steps and guidance."""
         kwargs = req.engine_kwargs()
         steps, guidance = kwargs.pop("steps") or {}, kwargs.pop("guidance") or {}
-        extra = {"image": body["image"], **({"mask": body["mask"]} if mask is not None else {})}
-        return [(m, "refine", {**kwargs, **extra, "method": m, "prompt": req.prompt,
-                               "steps": {m: steps[m]} if m in steps else None,
-                               "guidance": {m: guidance[m]} if m in guidance else None}) for m in req.methods]
+        return [(m, call, {**kwargs, **(extra or {}), "method": m, "prompt": req.prompt,
+                           "steps": {m: steps[m]} if m in steps else None,
+                           "guidance": {m: guidance[m]} if m in guidance else None}) for m in order]
 
     def served(self, methods) -> None:
         from fastgen.request import RequestError

@@ -62,6 +62,11 @@ RUN_OUTPUTS = ("board", "left", "right", "slider", "grid_file", "json_file", "ge
 REFINE_PANEL_OUTPUTS = ("column", "image", "status", "caption", "code")
 REFINE_OUTPUTS = ("refine_board", "tradeoff", "refine_left", "refine_right", "refine_slider", "refine_button",
                   "refine_stop")
+# "Refine this image": the panel's image becomes the editor's background, and the Refine tab opens.
+TO_EDITOR = """(image) => {
+    document.querySelector("#fg-tab-refine-button")?.click();
+    return {background: image, layers: [], composite: image};
+}"""
 # The Live tab's per-method panels ("live.<method>.<output>").
 LIVE_PANEL_OUTPUTS = ("column", "image", "caption")
 MAX_UPLOAD = "16mb"  # one upload: the largest allowed image (2048 x 2048 RGB) as PNG is about 12.6 MB at worst
@@ -243,7 +248,7 @@ class Runs:
         at `strength`). The event runs always-last, so only the newest edit is drawn. Bad input (an empty
         prompt while typing, a strength that runs no step) goes into the captions: typing never pops errors."""
         family = check_family(family).name
-        out = {"live_drawn": live_key(prompt, seed, vary, methods, sketching, strength)}
+        out = {}
         seed = random.randint(0, MAX_SEED) if vary is True else slider_int(seed)
         image = sketch_image(sketch) if sketching is True else None
         for method in self.slots:
@@ -277,8 +282,7 @@ class Runs:
         draft = Draft(board.family, result.image, method, result.label, result.seconds, board.settings.prompt,
                       board.settings.seed)
         methods = list(dict.fromkeys([method, *([fam.reference] if fam.reference else [])]))
-        out = {"tabs": gr.Tabs(selected="refine"), "draft": draft, "refine_board": None,
-               "editor": {"background": result.image, "layers": [], "composite": result.image},
+        out = {"draft": draft, "refine_board": None,
                "refine_prompt": board.settings.prompt,
                "refine_methods": gr.CheckboxGroup(choices=method_choices(board.family), value=methods),
                "strength": fam.method(method).refine.strength,
@@ -530,20 +534,6 @@ def editor_images(editor, draft: Draft | None):
     return source, mask, from_draft
 
 
-def live_key(prompt, seed, vary, methods, sketching, strength) -> list:
-    """What a live frame drew, as the page compares it: a new seed each frame counts as the same settings."""
-    return [prompt, None if vary is True else seed, sorted(methods or []), sketching is True, strength]
-
-
-def live_catch_up(prompt, seed, vary, methods, sketching, strength, drawn, redraw):
-    """The Live tab's safety net, on a timer and off the queue: when the last frame drew other settings than the
-    ones on screen (an edit's event can be lost when typing fast, as in gradio #7752), bump the hidden redraw
-    counter, whose change draws a frame. Sketch mode is left to its strokes' own events."""
-    if sketching is True or live_key(prompt, seed, vary, methods, sketching, strength) == drawn:
-        return gr.skip()
-    return (redraw or 0) + 1
-
-
 def live_frame(engine: Engine, req: LiveRequest, sketch=None):
     """The engine call for one live frame: text-to-image, or the sketch refined (fitted to the method's size)."""
     spec = req.family.method(req.method)
@@ -647,7 +637,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     "same seed, honest timings, and the code that reproduces each image.")
         gr.Markdown(f"⚠️ {notice}", visible=bool(notice), elem_classes="fg-notice")
         with gr.Tabs(selected="compare") as tabs:
-            with gr.Tab("Compare", id="compare") as compare_tab:
+            with gr.Tab("Compare", id="compare"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
                         prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0], autofocus=True,
@@ -687,7 +677,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     grid_file = gr.DownloadButton("Download grid (PNG, settings in metadata)", visible=False)
                     json_file = gr.DownloadButton("Download results (JSON)", visible=False)
 
-            with gr.Tab("Refine", id="refine") as refine_tab:
+            with gr.Tab("Refine", id="refine", elem_id="fg-tab-refine"):
                 draft_note = gr.Markdown(DRAFT_NOTE, elem_classes=["fg-note", "fg-draft"])
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
@@ -752,9 +742,7 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                         live_strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Sketch strength",
                                                   info="how much of the sketch is redrawn; Turbo takes 2 steps "
                                                        "below 1.0, since steps x strength must reach 1")
-                live_drawn = gr.State(None)  # the settings the last frame drew (see live_catch_up)
-                live_redraw = gr.Number(0, visible="hidden")
-                live_timer = gr.Timer(0.5, active=False)
+                sketch_value = gr.State(None)  # the strokes, as the last stroke left them (see the wiring)
                 live_panels = {}
                 with gr.Row(elem_classes="fg-panels"):
                     for method in runs.slots:
@@ -832,13 +820,17 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
         refine_named.update(refine_board=refine_board, tradeoff=tradeoff, refine_left=refine_left,
                             refine_right=refine_right, refine_slider=refine_slider, refine_button=refine_button,
                             refine_stop=refine_stop)
-        picked = dict(tabs=tabs, draft=draft, editor=editor, refine_prompt=refine_prompt, refine_methods=refine_methods,
+        picked = dict(draft=draft, refine_prompt=refine_prompt, refine_methods=refine_methods,
                       strength=strength, draft_note=draft_note)
         live_named = {f"live.{m}.{o}": getattr(live_panels[m], o) for m in slots for o in LIVE_PANEL_OUTPUTS}
-        live_named["live_drawn"] = live_drawn
         runs.bind({**named, **refine_named, **picked, **live_named})
         refine_outputs = list(refine_named.values())
         for method, panel in panels.items():
+            # The draft reaches the editor and the Refine tab opens in the browser, not through the server: an
+            # image editor or a tab set that was once a server event's output is re-read (its images re-uploaded)
+            # on every later progress update of every event, which slowed refines and live frames many times.
+            panel.refine.click(None, inputs=panel.image, outputs=editor, js=TO_EDITOR, queue=False,
+                               api_visibility="private")
             panel.refine.click(pick_draft_handler(runs, method), inputs=board,
                                outputs=[*picked.values(), *refine_outputs], queue=False, api_visibility="private")
         refine_button.click(gpu_task(runs.refine), inputs=[family_box, editor, refine_prompt, negative, seed, strength,
@@ -857,20 +849,20 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                                                                             refine_right],
               outputs=refine_slider, queue=False, api_visibility="private")
         # -- live -----------------------------------------------------------------------------------------
-        live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")] + [live_drawn]
-        live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch,
+        live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")]
+        live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch_value,
                        live_strength]
+        # The sketchpad is read once per stroke, into a State, and never by the frame itself: reading an image
+        # editor re-uploads its images and re-renders it, which fires its own input/change events again, so a
+        # frame that read the sketchpad and was triggered by it would trigger itself without end (and flood the
+        # queue until typed edits were refused).
+        sketch.input(lambda value: value, inputs=sketch, outputs=sketch_value, queue=False,
+                     trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
-               sketch.change, live_strength.release, live_tab.select, live_redraw.change], gpu_task(runs.live),
+               sketch_value.change, live_strength.release, live_tab.select], gpu_task(runs.live),
               inputs=live_inputs,
               outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=gpu_jobs,
               show_progress="hidden", api_name="live_page", api_visibility="private")
-        live_timer.tick(live_catch_up, inputs=[live_prompt, live_seed, live_vary, live_methods_box, live_sketching,
-                                               live_strength, live_drawn, live_redraw],
-                        outputs=live_redraw, queue=False, api_visibility="private")
-        live_tab.select(lambda: gr.Timer(active=True), outputs=live_timer, queue=False, api_visibility="private")
-        gr.on([compare_tab.select, refine_tab.select], lambda: gr.Timer(active=False), outputs=live_timer,
-              queue=False, api_visibility="private")
         live_methods_box.input(runs.live_columns, inputs=[family_box, live_methods_box],
                                outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
         api_live, api_live_validate = live_api(engine, family)

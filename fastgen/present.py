@@ -503,13 +503,14 @@ def live_default(family: str) -> list[str]:
 
 
 def live_caption(result, prompt: str, seed: int) -> str:
-    """A live frame's caption (Markdown): the prompt it shows, its seed, steps, and its generation time as
-    milliseconds per frame and the frame rate that allows."""
+    """A live frame's caption (Markdown): the prompt it shows (and the sketch's strength when it refined the
+    sketch), its seed, steps, and its generation time as milliseconds per frame and the frame rate that allows."""
     text = prompt if len(prompt) <= 80 else prompt[:77] + "..."
     ms = 1000 * result.seconds
     rate = f" (up to {1000 / ms:.0f} frames/s)" if ms > 0 else ""
     steps = result.denoising_steps or result.steps
-    return (f"“{html.escape(text)}” · seed {seed} · {steps} step{'s' if steps != 1 else ''} · "
+    source = f" · from the sketch at strength {result.strength:g}" if result.strength is not None else ""
+    return (f"“{html.escape(text)}”{source} · seed {seed} · {steps} step{'s' if steps != 1 else ''} · "
             f"**{ms:.0f} ms** per frame{rate}")
 
 

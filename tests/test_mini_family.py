@@ -176,4 +176,5 @@ def test_a_sketched_blob_becomes_a_shape_in_the_strokes_colour(engine, colour):
     out = runs.live("mini", f"a large {colour} circle on a white background", 0, False, ["turbo"], True,
                     {"composite": canvas}, 0.7)
     assert "2 steps" not in out["live.turbo.caption"] and "ms** per frame" in out["live.turbo.caption"]
+    assert "from the sketch at strength 0.7" in out["live.turbo.caption"]
     assert analyze(np.asarray(out["live.turbo.image"])).color == colour

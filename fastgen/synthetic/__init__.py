@@ -79,7 +79,9 @@ def build(cls, folder, subfolder: str | None, dtype, device: str):
             module = cls(cls.config_class.from_pretrained(folder, subfolder=subfolder or ""))
         else:  # diffusers
             module = cls.from_config(cls.load_config(folder, subfolder=subfolder))
-    module = module.to(dtype=dtype).eval().requires_grad_(False)
+    # nn.Module's own cast (free on meta): diffusers' override only adds a warning about fp32-kept modules, of
+    # which these models have none
+    module = torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
     if getattr(_meta, "on", False):
         return module
     buffers = {name: b.to(device) for name, b in module.named_buffers()}

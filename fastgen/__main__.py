@@ -1,9 +1,11 @@
-"""Command line: compare methods side by side, refine an image, download a family's weights, or check the machine.
+"""Command line: compare methods side by side, refine an image, download a family's weights, check the machine, or
+measure.
 
     python -m fastgen compare "a red circle" --family sdxl --size 64x64 --out out/
     python -m fastgen refine out/turbo.png "a red square" --family mini --mask mask.png --out refined/
     python -m fastgen download --family sdxl --dry-run
     python -m fastgen doctor
+    python -m fastgen bench --family synthetic-sd15 --size 256x256 --steps baseline=8 --json bench.json
 
 One function per subcommand; `main(argv)` dispatches on `args.command`.
 """
@@ -15,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fastgen import synthetic
 from fastgen.fetch import DownloadError
 from fastgen.registry import FAMILIES, custom_family, get_family
 
@@ -89,6 +92,8 @@ def _write(comparison, out: Path, lines: dict[str, str]) -> int:
     """Save the comparison to `out` and print one line per panel (`lines[method]`), its warnings and any
     failures; the exit status is 1 when a panel failed."""
     comparison.save(out)
+    if comparison.family in FAMILIES and synthetic.family_is_synthetic(FAMILIES[comparison.family]):
+        print(f"{synthetic.NOTE}: the images are noise")
     for result in comparison.results:
         print(f"{result.label:>16}: {lines[result.method]}")
         for warning in result.warnings:
@@ -139,6 +144,42 @@ def refine(args) -> int:
         lines[result.method] = (f"strength {result.strength:g}, {result.denoising_steps:>3} of {result.steps} steps "
                                 f"{result.seconds:7.2f} s{moved}")
     return _write(comparison, Path(args.out), lines)
+
+
+def bench(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from fastgen import bench as benchmark
+
+    family = _family(args)
+    if synthetic.family_is_synthetic(family):
+        print(f"{family.name}: {synthetic.NOTE}", file=sys.stderr)
+    methods = args.methods.split(",") if args.methods else None
+    if args.meta:
+        report = benchmark.meta_run(family, methods, dtype=args.dtype or "float16")
+    else:
+        bars = []
+
+        def progress(total):
+            bars.append(tqdm(total=total, desc=f"bench {family.name}", file=sys.stderr, dynamic_ncols=True))
+            return lambda: bars[0].update()
+
+        try:
+            report = benchmark.run(family, methods, size=args.size or (None, None), steps=dict(args.steps) or None,
+                                   repeats=args.repeats, device=args.device, dtype=args.dtype, compile=args.compile,
+                                   memory_budget=args.memory_budget, check_finite=args.check_finite,
+                                   progress=progress)
+        finally:
+            for bar in bars:
+                bar.close()
+    print(benchmark.markdown(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
 
 
 def serve(args) -> int:
@@ -263,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
 
     def engine_options(p):
         p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
-        p.add_argument("--dtype", help="float32 or float16 (default: float32 on CPU, float16 on GPU)")
+        p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
         p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
 
     p = commands.add_parser("compare", help="run methods on one prompt and seed, side by side")
@@ -293,6 +334,22 @@ def parser() -> argparse.ArgumentParser:
                                                    "refined)")
     engine_options(p)
     p.set_defaults(run=refine)
+
+    p = commands.add_parser("bench", help="measure load, warm generation, memory, sharing and the engine's "
+                                          "overhead (synthetic-sdxl / synthetic-sd15: full size, no downloads)")
+    family_options(p)
+    p.add_argument("--methods", help="comma-separated, in order (default: turbo,lcm,lcm-lora,baseline)")
+    p.add_argument("--size", type=_size, default=None, help="WxH for every method, or native (default)")
+    p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method after one warm-up (default 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each UNet (compiled in the warm-up run)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="check that no module returns NaN or inf in the warm-up run (the fp16 path)")
+    p.add_argument("--meta", action="store_true", help="synthetic families: load every method on the meta device "
+                                                       "and report the cache's bytes only (no memory, no runs)")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    engine_options(p)
+    p.set_defaults(run=bench)
 
     p = commands.add_parser("serve", help="serve the methods on Ray Serve: an HTTP API the page can use "
                                           "(python app.py --backend URL)")

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 
-from fastgen import fetch, hub
+from fastgen import fetch, hub, synthetic
 from fastgen.registry import FAMILIES, Family, get_family
 
 
@@ -106,6 +106,8 @@ def page_families(current: str | None = None, problem: str | None = None) -> tup
     `current`, the one the page opens on), and a note naming each family left out and why ("" if none)."""
     choices, notes = [], []
     for name, family in FAMILIES.items():
+        if synthetic.family_is_synthetic(family) and name != current:
+            continue  # noise images: offered only on a page opened on one (python app.py --family synthetic-sd15)
         state = family_state(family, problem)  # the Hub is probed once a minute at most
         if state.usable or name == current:
             choices.append((family.label, name))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fastgen import fetch, hub
+from fastgen import fetch, hub, synthetic
 from fastgen.adapters import Adapters
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
@@ -222,7 +222,10 @@ class Engine:
             lora_digest = hub.content_key(where, files, None)
 
             def load_lora(adapter):
-                pipe.load_lora_weights(str(where), weight_name=spec.lora_weight_name, adapter_name=adapter)
+                if synthetic.is_synthetic(where):
+                    synthetic.attach_lora(pipe.unet, where / spec.lora_weight_name, adapter)
+                else:
+                    pipe.load_lora_weights(str(where), weight_name=spec.lora_weight_name, adapter_name=adapter)
 
             load_lora = _loading("lora", source, family, load_lora)
 
@@ -247,6 +250,8 @@ class Engine:
         kwargs = {"subfolder": source.subfolder} if source.subfolder else {}
         if not _is_module(cls):  # tokenizers, image processors
             return cls.from_pretrained(folder, **kwargs)
+        if synthetic.is_synthetic(folder):  # the real architecture, random weights: built, not read
+            return synthetic.build(cls, folder, source.subfolder, self.dtype, self.device)
         variant = source.variant if any(hub.weight_variant(f) == source.variant for f in files) else None
         return cls.from_pretrained(folder, variant=variant, dtype=self.dtype, **kwargs).to(self.device)
 

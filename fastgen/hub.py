@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastgen import synthetic
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers and transformers file names
@@ -171,7 +173,8 @@ def missing_files(spec) -> list[str]:
         where = local_folder(source.repo)
         files = select_files(list_files(where), source) if where else []
         class_name = classes.get(name, ("", "UNet2DConditionModel" if name == "unet" else "lora"))[1]
-        has_weights = any(f.endswith((".safetensors", ".bin")) for f in files)
+        # a synthetic repo's components are built from their configs (fastgen.synthetic): no weight files
+        has_weights = any(f.endswith((".safetensors", ".bin")) for f in files) or synthetic.is_synthetic(where)
         if not files or (needs_weights(class_name) and not has_weights):
             missing.append(source.repo)
     return list(dict.fromkeys(missing))

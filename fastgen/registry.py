@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fastgen import synthetic
 from fastgen.mini import WEIGHTS as MINI_WEIGHTS
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")  # method names travel in URLs, file names and the API
@@ -457,7 +458,31 @@ MINI = Family(
     ),
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL, SD15, MINI)}
+
+# --- synthetic: the real architectures with random weights (fastgen/synthetic), to measure at full scale --------
+def _synthetic(real: Family, name: str, repos: dict[str, str]) -> Family:
+    """`real`'s shown methods with their recipes, each repo replaced by its synthetic stand-in: the same pipelines,
+    schedulers, steps and sharing, no files to read (so no fp16 variants) and no licence (no one's weights)."""
+    methods = tuple(
+        replace(m, repo=synthetic.repo(repos[m.repo]), variant=None, unet_variant=None, licence=None,
+                unet_repo=m.unet_repo and synthetic.repo(repos[m.unet_repo]),
+                lora_repo=m.lora_repo and synthetic.repo(repos[m.lora_repo]),
+                lora_weight_name=m.lora_repo and "adapter_config.json")
+        for m in real.methods if m.shown
+    )
+    return Family(name=name, label=f"Synthetic {real.label} ({synthetic.NOTE})", methods=methods,
+                  description=f"{real.label}'s architectures with random weights built at load: memory, speed and "
+                              "sharing are real, images are noise.")
+
+
+SYNTHETIC_SDXL = _synthetic(SDXL, "synthetic-sdxl", {
+    SDXL_BASE: "sdxl-base", "stabilityai/sdxl-turbo": "sdxl-turbo", "latent-consistency/lcm-sdxl": "lcm-sdxl",
+    SDXL_LCM_LORA: "lcm-lora-sdxl"})
+SYNTHETIC_SD15 = _synthetic(SD15, "synthetic-sd15", {
+    SD15_BASE: "sd15-base", "stabilityai/sd-turbo": "sd-turbo", "SimianLuo/LCM_Dreamshaper_v7": "lcm-dreamshaper-v7",
+    SD15_LCM_LORA: "lcm-lora-sdv1-5"})
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL, SD15, MINI, SYNTHETIC_SDXL, SYNTHETIC_SD15)}
 
 
 def get_family(name: str | Family) -> Family:

@@ -39,7 +39,7 @@ from fastgen.present import Board, Draft
 from fastgen.remote import RemoteEngine, RemoteFailure
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
-from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, REFINE_FIELDS, CompareRequest,
+from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, PUBLIC, REFINE_FIELDS, CompareRequest,
                              LiveRequest, RefineRequest, RequestError, check_family, check_guidance, check_steps,
                              live_steps, parse_size, shown)
 
@@ -437,10 +437,14 @@ def compare_api(engine: Engine, default: str):
     @gpu_task
     def compare(prompt: str, seed: int = 0, negative_prompt: str | None = None, methods: list[str] | None = None,
                 width: int | None = None, height: int | None = None, family: str | None = None,
-                steps: dict | None = None, guidance: dict | None = None):
+                steps: dict | None = None, guidance: dict | None = None, base: str | None = None,
+                loras: list | None = None):
         """Run `methods` (default: all) on one prompt and seed. width/height None or 0: each method's native size;
-        family None: the page's; steps/guidance: {method: value} for the methods to run off their defaults."""
-        values = (prompt, seed, negative_prompt, methods, width, height, family, steps, guidance)
+        family None: the page's; steps/guidance: {method: value} for the methods to run off their defaults;
+        base: a custom SDXL / SD 1.5 checkpoint (Hub id) run as the reference and with LCM-LoRA; loras: style
+        LoRAs [{"repo", "weight_name", "scale"}] on the reference and adapter methods. base and loras only where
+        the host allows them (FASTGEN_ALLOW_CUSTOM=1, or an allowlist in FASTGEN_CUSTOM_ALLOW)."""
+        values = (prompt, seed, negative_prompt, methods, width, height, family, steps, guidance, base, loras)
         try:
             req = CompareRequest.parse(dict(zip(FIELDS, values)), family=default)
         except RequestError as error:
@@ -1077,6 +1081,7 @@ def main(argv: list[str] | None = None) -> None:
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
     """Serve `app` the one way this project serves it: bounded queue, no share link, small uploads."""
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    PUBLIC["bind"] = host not in ("127.0.0.1", "localhost", "::1")  # local folders only on a loopback bind
     return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS,
                       footer_links=["api"], **kwargs)
 

@@ -76,7 +76,9 @@ def compare(args) -> int:
     request = CompareRequest.parse(dict(
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, width=width, height=height,
         methods=args.methods.split(",") if args.methods else None, steps=dict(args.steps) or None,
-        guidance=dict(args.guidance) or None), family=family)
+        guidance=dict(args.guidance) or None,
+        loras=[dict(zip(("repo", "weight_name", "scale"), lora)) for lora in args.lora] or None),
+        family=family, trusted=True)  # your own machine: any model, any LoRA
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())
@@ -284,6 +286,24 @@ def evaluate(args) -> int:
     return mini_evaluate.main(args) or 0
 
 
+def _lora(value: str) -> tuple[str, str, float]:
+    """REPO[:WEIGHT_NAME][@SCALE] as (repo, weight name, scale)."""
+    repo, scale = value, 1.0
+    if "@" in value:
+        repo, _, text = value.rpartition("@")
+        try:
+            scale = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a LoRA's scale must be a number, got {text!r}") from None
+    weight_name = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA
+    head, sep, tail = repo.rpartition(":")
+    if sep and tail.endswith((".safetensors", ".bin")):
+        repo, weight_name = head, tail
+    if not repo:
+        raise argparse.ArgumentTypeError(f"expected REPO[:WEIGHT_NAME][@SCALE], got {value!r}")
+    return repo, weight_name, scale
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__.split("\n\n")[0])
     root.add_argument("-v", "--verbose", action="store_true", help="log what loads and what is evicted")
@@ -313,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated, in order (default: turbo,lcm,lcm-lora,baseline)")
     p.add_argument("--size", type=_size, default=None, help="WxH for every method, or native (default)")
     run_options(p)
+    p.add_argument("--lora", type=_lora, action="append", default=[], metavar="REPO[:WEIGHT_NAME][@SCALE]",
+                   help="a style LoRA (Hub id or folder; weight file default pytorch_lora_weights.safetensors; "
+                        "scale default 1) stacked on the baseline and the adapter methods; repeatable")
     p.add_argument("--out", default="out", help="folder for <method>.png, grid.png, results.json")
     engine_options(p)
     p.set_defaults(run=compare)

@@ -2,13 +2,13 @@
 
     adapters = Adapters(cache)
     key = adapters.attach(unet_key, lora_digest, "latent-consistency/lcm-lora-sdxl", load, "sdxl/lcm-lora")
-    with cache.hold(keys), adapters.active(key):
+    with cache.hold(keys), adapters.active([key]):
         pipe(...)
 
 A UNet is shared by every method that loads the same files (the baseline, LCM-LoRA, Hyper-SD), so no adapter
-is ever fused into it. Each adapter is attached once and left disabled; `active` enables that one adapter
-alone (another on the same UNet stays off) for the run that holds the UNet's lock, and disables it on exit,
-even when the run fails or is stopped. The cache stores the adapter's record (its bytes count towards the
+is ever fused into it. Each adapter is attached once and left disabled; `active` enables the run's adapters
+(a method's own, and any style LoRAs stacked on it, each at its scale; the others on the same UNet stay off)
+for the run that holds the UNet's lock, and disables them on exit, even when the run fails or is stopped. The cache stores the adapter's record (its bytes count towards the
 budget); evicting it, or its UNet, detaches it.
 """
 
@@ -24,10 +24,10 @@ from fastgen.cache import Component, ComponentCache, module_bytes
 logger = logging.getLogger(__name__)
 
 
-def switch(unet, adapter: str, enabled: bool, scale: float = 1.0) -> None:
-    """Turn `adapter` on alone at `scale`, or every adapter of `unet` off."""
-    if enabled:
-        unet.set_adapters([adapter], weights=[scale])
+def switch(unet, adapters: list[str], scales: list[float] | None = None) -> None:
+    """Turn `adapters` on together, each at its scale (the others off), or with no adapters every one off."""
+    if adapters:
+        unet.set_adapters(list(adapters), weights=list(scales or [1.0] * len(adapters)))
         unet.enable_lora()
     else:
         unet.disable_lora()
@@ -54,7 +54,7 @@ class Adapters:
                 except BaseException:  # a half-loaded adapter may sit in the UNet: drop the UNet, it reloads clean
                     self.cache.evict(unet_key)
                     raise
-                switch(unet.module, adapter, enabled=False)
+                switch(unet.module, [])
                 item = Component(key, "lora", source, None, module_bytes(unet.module) - before, parent=unet_key,
                                  adapter=adapter, scale=scale)
                 self.cache.store(item, set(pinned) | {key, unet_key})
@@ -62,14 +62,20 @@ class Adapters:
             return key
 
     @contextlib.contextmanager
-    def active(self, key: str):
-        """Enable one adapter for the duration of a run that holds its UNet's lock."""
-        item = self.cache.entry(key)
-        unet = self.cache.entry(item.parent)
-        if unet.holder != threading.get_ident():
+    def active(self, keys: list[str], scales: list[float | None] | None = None):
+        """Enable these adapters (all on one UNet) together for the duration of a run that holds the UNet's lock;
+        `scales`: each one's scale for this run (None: the scale it was attached with)."""
+        items = [self.cache.entry(key) for key in keys]
+        if not items:
+            yield
+            return
+        unet = self.cache.entry(items[0].parent)
+        if unet.holder != threading.get_ident() or any(item.parent != items[0].parent for item in items):
             raise RuntimeError(f"a LoRA may only be enabled by the run holding its UNet ({unet.source})")
-        switch(unet.module, item.adapter, enabled=True, scale=item.scale)
+        scales = [item.scale if scale is None else scale
+                  for item, scale in zip(items, scales or [None] * len(items))]
+        switch(unet.module, [item.adapter for item in items], scales)
         try:
             yield
         finally:
-            switch(unet.module, item.adapter, enabled=False)
+            switch(unet.module, [])

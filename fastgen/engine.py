@@ -24,10 +24,10 @@ from fastgen import fetch, hub, synthetic
 from fastgen.adapters import Adapters
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
-from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, family_available, get_family
+from fastgen.registry import FAMILIES, SCHEDULERS, Family, MethodSpec, StyleLora, family_available, get_family
 from fastgen.request import (MAX_SEED, MAX_SIZE, check_flag, check_guidance, check_image, check_int, check_mask,
-                             check_methods, check_per_method, check_refine_steps, check_size, check_sizes,
-                             check_steps, check_strength, check_text, fit)
+                             check_loras, check_methods, check_per_method, check_refine_steps, check_size,
+                             check_sizes, check_steps, check_strength, check_text, fit)
 from fastgen.results import Comparison, MethodFailure, MethodResult
 from fastgen.snippets import method_code
 
@@ -172,9 +172,11 @@ class Engine:
         return {repo: hub.local_folder(repo) for repo in spec.repos}
 
     # 2. Assemble the method's pipeline from cached components ---------------------------------------------
-    def _pipeline(self, family: Family, spec: MethodSpec, pipeline: str | None = None):
-        """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, its LoRA key.
-        `pipeline`: another class over the same modules (a refine recipe's img2img or inpaint pipeline)."""
+    def _pipeline(self, family: Family, spec: MethodSpec, pipeline: str | None = None,
+                  styles: tuple[StyleLora, ...] = ()):
+        """The method's pipeline (a light wrapper over cached modules), the cache keys it holds, and its LoRAs'
+        adapter keys with their scales for this run (its own, then `styles`). `pipeline`: another class over the
+        same modules (a refine recipe's img2img or inpaint pipeline)."""
         import diffusers
 
         folders = self._folders(spec, family)
@@ -214,24 +216,68 @@ class Engine:
         pipe = self._construct(getattr(diffusers, pipeline or spec.pipeline), model_index, parts,
                                self._scheduler(family, spec, folder))
 
-        lora_key = None
+        loras = []  # (repo, weight name, scale): the method's own adapter, then the styles stacked on it
         if spec.lora_repo is not None:
-            source = hub.Source(spec.lora_repo, None, None, spec.lora_weight_name)
-            where = folders[spec.lora_repo]
-            files = hub.select_files(hub.list_files(where), source)
-            lora_digest = hub.content_key(where, files, None)
+            loras.append((spec.lora_repo, spec.lora_weight_name, spec.lora_scale, folders[spec.lora_repo]))
+        for style in styles:
+            loras.append((style.repo, style.weight_name, style.scale, self._style_folder(style, family)))
+        keys, scales = [], []
+        for i, (repo, weight_name, scale, where) in enumerate(loras):
+            style = i >= len(loras) - len(styles)
+            keys.append(self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale,
+                                     unet_only=style))
+            scales.append(scale)
+        return pipe, sorted(pinned), keys, scales
 
-            def load_lora(adapter):
-                if synthetic.is_synthetic(where):
-                    synthetic.attach_lora(pipe.unet, where / spec.lora_weight_name, adapter)
-                else:
-                    pipe.load_lora_weights(str(where), weight_name=spec.lora_weight_name, adapter_name=adapter)
+    def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,
+                pinned: set[str], scale: float, unet_only: bool = False) -> str:
+        """One LoRA file as a named adapter on the pipeline's (cached, shared) UNet; its adapter key. `unet_only`:
+        refuse a file that also holds text-encoder weights (a visitor's style LoRA)."""
+        source = hub.Source(repo, None, None, weight_name)
+        files = hub.select_files(hub.list_files(where), source)
+        digest = hub.content_key(where, files, None)
 
-            load_lora = _loading("lora", source, family, load_lora)
+        if unet_only and any(k.startswith(("text_encoder", "lora_te")) for k in self._lora_keys(where / weight_name)):
+            # a text encoder is shared by every method of the family: an adapter there would leak into all
+            raise NotAvailable(f"{source.label} also changes the text encoder; only LoRAs of the UNet can be "
+                               "stacked on a shared model")
 
-            lora_key = self.adapters.attach(plan["unet"][0], lora_digest, source.label, load_lora, user, pinned,
-                                            scale=spec.lora_scale)
-        return pipe, sorted(pinned), lora_key
+        def load_lora(adapter):
+            if synthetic.is_synthetic(where):
+                synthetic.attach_lora(pipe.unet, where / weight_name, adapter)
+            else:
+                pipe.load_lora_weights(str(where), weight_name=weight_name, adapter_name=adapter)
+
+        return self.adapters.attach(unet_key, digest, source.label, _loading("lora", source, family, load_lora),
+                                    user, pinned, scale=scale)
+
+    @staticmethod
+    def _lora_keys(path: Path) -> list[str]:
+        """The tensor names in a LoRA file (kohya: lora_unet_* / lora_te*_*; diffusers: unet.* / text_encoder*.*)."""
+        if path.suffix != ".safetensors":
+            import torch
+
+            return list(torch.load(path, map_location="meta", weights_only=True))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys())
+
+    def _style_folder(self, style: StyleLora, family: Family) -> Path:
+        """Where a style LoRA's file is: a local folder, or the Hub cache (downloaded first when missing)."""
+        where = hub.local_folder(style.repo)
+        if where is None or not (where / style.weight_name).is_file():
+            if not hub.is_local(style.repo) and not fetch.hub_problem():
+                try:
+                    from huggingface_hub import hf_hub_download
+
+                    hf_hub_download(style.repo, style.weight_name)
+                    where = hub.local_folder(style.repo)
+                except Exception as error:  # no network, no such repo or file: not here, fetch it
+                    logger.warning("downloading %s/%s failed: %s", style.repo, style.weight_name, error)
+            if where is None or not (where / style.weight_name).is_file():
+                raise MissingWeightsError([style.repo], family=None)
+        return where
 
     @staticmethod
     def _construct(pipeline_cls, model_index: dict, parts: dict, scheduler):
@@ -314,10 +360,13 @@ class Engine:
     def run(self, family: str | Family, method: str, prompt: str, *, negative_prompt: str = "", seed: int = 0,
             width: int | None = None, height: int | None = None, steps: int | None = None,
             guidance: float | None = None, on_step: OnStep | None = None,
-            stop: threading.Event | None = None) -> MethodResult:
-        """Generate one panel. Raises ValueError on bad input, MissingWeightsError, or RunStopped."""
+            stop: threading.Event | None = None, loras=()) -> MethodResult:
+        """Generate one panel. `loras`: StyleLora (or dicts of repo, weight_name, scale) stacked on the methods
+        that take them (spec.takes_styles; the others run without, and say so). Raises ValueError on bad input,
+        MissingWeightsError, or RunStopped."""
         family = get_family(family)
         spec = family.method(method)
+        styles = check_loras(loras)
         width = check_size("width", spec.native_size if width is None else width)
         height = check_size("height", spec.native_size if height is None else height)
         steps = check_steps(spec, spec.steps if steps is None else steps)
@@ -328,15 +377,22 @@ class Engine:
         spec = spec.at_steps(steps)  # the file, scheduler and call arguments of this step count
         args = dict(spec=spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                     guidance=guidance, width=width, height=height)
+        applied = styles if spec.takes_styles else ()
         pipe, image, timings, loop_steps, flagged, load_seconds = self._execute(
-            family, spec, None, args, (family.name, spec.name, width, height), spec.min_steps, on_step, stop)
-        return self._result(spec, pipe, image, timings, loop_steps, flagged, load_seconds, prompt=prompt,
-                            negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
-                            height=height)
+            family, spec, None, args, (family.name, spec.name, width, height), spec.min_steps, on_step, stop,
+            applied)
+        result = self._result(spec, pipe, image, timings, loop_steps, flagged, load_seconds, prompt=prompt,
+                              negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                              height=height, styles=applied)
+        if styles and not applied:
+            result.warnings.append(f"LoRAs not applied: {spec.label} runs its own distilled UNet, not the base "
+                                   "model's that they were trained on")
+        return result
 
     def _result(self, spec: MethodSpec, pipe, image, timings: dict, loop_steps: int, flagged: bool,
                 load_seconds: float, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
-                width: int, height: int, refine: dict | None = None, **fields) -> MethodResult:
+                width: int, height: int, refine: dict | None = None, styles: tuple[StyleLora, ...] = (),
+                **fields) -> MethodResult:
         """A finished run as its MethodResult: timings, warnings and the snippet (`refine`: a refine's, see
         method_code); `fields`: a refine's own (mode, strength, outside_change)."""
         cfg = spec.cfg_at(guidance)
@@ -350,20 +406,21 @@ class Engine:
             warnings=self._warnings(pipe, spec, prompt, negative_prompt, guidance, cfg, width, height, flagged),
             code=method_code(spec, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                              guidance=guidance, width=width, height=height, device=self.device,
-                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__, refine=refine),
-            licence=spec.licence, denoising_steps=loop_steps, **fields,
+                             dtype=self.dtype_name, scheduler_class=type(scheduler).__name__, refine=refine,
+                             styles=styles),
+            licence=spec.licence, denoising_steps=loop_steps, loras=[style.to_dict() for style in styles], **fields,
         )
 
     def _execute(self, family: Family, spec: MethodSpec, pipeline: str | None, args: dict, warm_key: tuple,
-                 warm_steps: int, on_step, stop):
+                 warm_steps: int, on_step, stop, styles: tuple[StyleLora, ...] = ()):
         """Under the run lock: assemble the pipeline, hold its parts (and enable its LoRA), warm up on a first CUDA
         run, generate. Returns (pipe, image, timings, steps run, flagged, load seconds)."""
         with self._run_lock:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"{spec.name} stopped before it started")
             start = time.perf_counter()
-            pipe, keys, lora_key = self._pipeline(family, spec, pipeline)
-            with self.cache.hold(keys), (self.adapters.active(lora_key) if lora_key else contextlib.nullcontext()):
+            pipe, keys, loras, scales = self._pipeline(family, spec, pipeline, styles)
+            with self.cache.hold(keys), self.adapters.active(loras, scales):
                 if self.device != "cpu" and warm_key not in self._warm:  # first CUDA run pays kernel selection
                     self._generate(pipe, **{**args, "steps": warm_steps}, on_step=None, stop=stop)
                     self._warm.add(warm_key)
@@ -447,7 +504,7 @@ class Engine:
                      negative_prompt: str = "", seed: int = 0, width: int | None = None,
                      height: int | None = None, steps: dict[str, int] | None = None,
                      guidance: dict[str, float] | None = None, on_step: OnStep | None = None,
-                     stop: threading.Event | None = None) -> Iterator[MethodResult | MethodFailure]:
+                     stop: threading.Event | None = None, loras=()) -> Iterator[MethodResult | MethodFailure]:
         """Run `methods` (default: all of the family's, in its order) on one prompt and seed; yield each result
         as it is ready. Every argument is checked before the first run starts. A panel that fails (weights
         missing or corrupt, out of memory, any error) yields a MethodFailure and the next one runs; a stop
@@ -460,12 +517,13 @@ class Engine:
         check_int("seed", seed, 0, MAX_SEED)
         check_text("prompt", prompt, required=True)
         check_text("negative_prompt", negative_prompt, required=False)
+        loras = check_loras(loras)
         for name in methods:
             spec = family.method(name)
             try:
                 outcome = self.run(family, name, prompt, negative_prompt=negative_prompt, seed=seed, width=width,
                                    height=height, steps=steps.get(name), guidance=guidance.get(name),
-                                   on_step=on_step, stop=stop)
+                                   on_step=on_step, stop=stop, loras=loras)
             except RunStopped:
                 raise
             except Exception as error:  # one panel's fault: say what failed, and run the others

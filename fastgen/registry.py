@@ -97,6 +97,30 @@ class RefineRecipe:
 
 
 @dataclass(frozen=True)
+class StyleLora:
+    """A visitor's LoRA (a style, a subject) stacked on a method: a Hub id or local folder, the weight file in
+    it, and the scale it is applied at. Applied to the methods that run on the base model's own UNet (the
+    reference and the adapter methods such as LCM-LoRA), each time only for that run."""
+
+    repo: str
+    weight_name: str
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.repo or not self.weight_name:
+            raise ValueError("a LoRA needs a repo (Hub id or folder) and the name of its weight file")
+        if not -2.0 <= self.scale <= 2.0:
+            raise ValueError(f"a LoRA's scale must be in [-2, 2], got {self.scale}")
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.repo).name if os.path.isabs(self.repo) else self.repo}/{self.weight_name} @ {self.scale:g}"
+
+    def to_dict(self) -> dict:
+        return {"repo": self.repo, "weight_name": self.weight_name, "scale": self.scale}
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One method of one family, as its model card runs it."""
 
@@ -239,6 +263,13 @@ class MethodSpec:
         if not self.cfg_at(guidance):
             return "classifier-free guidance is off at guidance 1 or below"
         return None
+
+    @property
+    def takes_styles(self) -> bool:
+        """Whether visitors' LoRAs apply: the method runs the base model's own UNet (the reference, or an adapter
+        on it). A distilled UNet (Turbo, LCM, Lightning, DMD2) was not what a style LoRA was trained on."""
+        return self.unet_repo is None and self.unet_weight_name is None and not self.step_files and (
+            self.reference or self.lora_repo is not None)
 
     def cfg_at(self, guidance: float) -> bool:
         """Whether a run at `guidance` does classifier-free guidance (diffusers: only when > 1 and no w-embedding)."""

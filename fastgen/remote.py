@@ -78,9 +78,11 @@ class RemoteEngine:
     # -- the Engine calls the page makes ---------------------------------------------------------------------------
     def iter_compare(self, family: str | Family, prompt: str, methods: list[str] | None = None, *,
                      negative_prompt: str = "", seed: int = 0, width=None, height=None, steps=None, guidance=None,
-                     on_step=None, stop=None) -> Iterator[MethodResult | MethodFailure]:
-        from fastgen.request import CompareRequest
+                     on_step=None, stop=None, loras=()) -> Iterator[MethodResult | MethodFailure]:
+        from fastgen.request import CompareRequest, RequestError
 
+        if loras:
+            raise RequestError("loras", "style LoRAs are not served by the Ray Serve backend yet")
         family = get_family(family)
         body = dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed, methods=methods, width=width,
                     height=height, family=family.name, steps=steps, guidance=guidance)

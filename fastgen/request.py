@@ -13,17 +13,20 @@ bad value raises `RequestError`, a `ValueError` whose message names the field an
 from __future__ import annotations
 
 import math
+import os
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from fastgen.registry import Family, MethodSpec, RefineRecipe, get_family
+from fastgen.registry import Family, MethodSpec, RefineRecipe, StyleLora, get_family
 
 MAX_PROMPT_CHARS = 2000  # the text encoders read 77 tokens (a few hundred characters); this only stops abuse
 MAX_SIZE = 2048  # pixels per side: past this SDXL on a 24 GB card runs out of memory, and no method was trained there
 MIN_SIZE = 64
 MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed accepts any int, but the UI and results.json promise this range
-FIELDS = ("prompt", "seed", "negative_prompt", "methods", "width", "height", "family", "steps", "guidance")
+FIELDS = ("prompt", "seed", "negative_prompt", "methods", "width", "height", "family", "steps", "guidance", "base",
+          "loras")
 # A refine request: an image (and optional mask) as files, and these fields (as compare's, with no size: the
 # image sets it).
 REFINE_FIELDS = ("prompt", "seed", "negative_prompt", "methods", "family", "steps", "guidance", "strength",
@@ -157,6 +160,53 @@ def check_per_method(name: str, value, family: Family, methods: list[str]) -> di
     return {m: check(family.method(m), v) for m, v in value.items()}
 
 
+MAX_LORAS = 4  # style LoRAs stacked on one run
+PUBLIC = {"bind": True}  # whether the server answers beyond this machine (app.launch sets it from its host)
+
+
+def custom_refusal(repo: str) -> str | None:
+    """Why a request from a visitor may not load `repo` (a custom model or LoRA), or None when it may. A server
+    loads none unless its host opts in: FASTGEN_ALLOW_CUSTOM=1 for any Hub id, or FASTGEN_CUSTOM_ALLOW=a/b,c/d
+    for those alone; a local folder only with FASTGEN_ALLOW_CUSTOM=1 on a server bound to this machine."""
+    allow_all = os.environ.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes")
+    allowlist = {r.strip() for r in os.environ.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()}
+    if os.path.isabs(repo) or repo.startswith((".", "~")):
+        if allow_all and not PUBLIC["bind"]:
+            return None
+        return "local folders are not offered by this server (only with FASTGEN_ALLOW_CUSTOM=1 on 127.0.0.1)"
+    if allow_all or repo in allowlist:
+        return None
+    if allowlist:
+        return f"{repo} is not on this server's list of custom models (FASTGEN_CUSTOM_ALLOW)"
+    return "custom models and LoRAs are off on this server; its host turns them on with FASTGEN_ALLOW_CUSTOM=1"
+
+
+def check_loras(value) -> tuple:
+    """Style LoRAs as StyleLora: each given as one, or as {"repo", "weight_name", "scale" (default 1)}."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise RequestError("loras", f"`loras` must be a list of {{repo, weight_name, scale}}, got {shown(value)}")
+    if len(value) > MAX_LORAS:
+        raise RequestError("loras", f"`loras` holds at most {MAX_LORAS} LoRAs, got {len(value)}")
+    styles = []
+    for item in value:
+        if isinstance(item, StyleLora):
+            styles.append(item)
+            continue
+        if not isinstance(item, Mapping) or set(item) - {"repo", "weight_name", "scale"}:
+            raise RequestError("loras", f"`loras` items are {{repo, weight_name, scale}}, got {shown(item)}")
+        repo = check_text("loras", item.get("repo"), required=True)
+        weight_name = check_text("loras", item.get("weight_name"), required=True)
+        scale = item.get("scale", 1.0)
+        if not _is_number(scale) or not -2 <= scale <= 2:
+            raise RequestError("loras", f"`loras` scales must be numbers in [-2, 2], got {shown(scale)}")
+        if "/" in weight_name.replace("\\", "/") or weight_name.startswith("."):
+            raise RequestError("loras", f"`loras` weight_name is a file name in the repo, got {shown(weight_name)}")
+        styles.append(StyleLora(repo.strip(), weight_name.strip(), float(scale)))
+    return tuple(styles)
+
+
 def check_strength(value) -> float:
     if not _is_number(value) or not 0 < value <= 1:
         raise RequestError("strength", f"`strength` must be a number in (0, 1] (the share of the schedule redone), "
@@ -285,12 +335,28 @@ class CompareRequest:
     height: int | None = None
     steps: dict[str, int] = field(default_factory=dict)
     guidance: dict[str, float] = field(default_factory=dict)
+    loras: tuple[StyleLora, ...] = ()
 
     @classmethod
-    def parse(cls, data: Mapping, family: str | Family | None = None) -> CompareRequest:
+    def parse(cls, data: Mapping, family: str | Family | None = None, trusted: bool = False) -> CompareRequest:
         """Check a request's fields (as sent: JSON values) in the order the API lists them. `family` is the
         default for a request that names none. Missing fields take their defaults; None means "not given"
-        for the optional ones (negative_prompt, methods, width, height, family, steps, guidance)."""
+        for the optional ones (negative_prompt, methods, width, height, family, steps, guidance, base, loras).
+        `base`: a custom checkpoint (Hub id or folder) whose family (its reference and LCM-LoRA) replaces
+        `family`; `loras`: style LoRAs. Both only when `trusted` (the CLI, the library) or the host allows them
+        (custom_refusal)."""
+        data = dict(data)
+        loras = check_loras(data.pop("loras", None))
+        base = data.pop("base", None)
+        for name, repo in [("base", base)] * (base is not None) + [("loras", lora.repo) for lora in loras]:
+            if name == "base" and (not isinstance(repo, str) or not repo.strip()):
+                raise RequestError("base", f"`base` must be a Hub id or a folder, got {shown(repo)}")
+            why = None if trusted else custom_refusal(repo.strip())
+            if why:
+                raise RequestError(name, f"`{name}` refused: {why}")
+        if base is not None:
+            family = custom_base(base.strip())
+            data.pop("family", None)
         fam, prompt, seed, negative, methods = _shared_fields(data, FIELDS, family)
         sizes = {}
         for name in ("width", "height"):
@@ -302,12 +368,39 @@ class CompareRequest:
         check_sizes(fam, methods, sizes["width"], sizes["height"])
         steps = check_per_method("steps", data.get("steps"), fam, methods)
         guidance = check_per_method("guidance", data.get("guidance"), fam, methods)
-        return cls(fam, prompt, tuple(methods), negative, seed, sizes["width"], sizes["height"], steps, guidance)
+        return cls(fam, prompt, tuple(methods), negative, seed, sizes["width"], sizes["height"], steps, guidance,
+                   loras)
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments for Engine.compare / iter_compare after (family, prompt, methods)."""
         return dict(negative_prompt=self.negative_prompt, seed=self.seed, width=self.width, height=self.height,
-                    steps=dict(self.steps) or None, guidance=dict(self.guidance) or None)
+                    steps=dict(self.steps) or None, guidance=dict(self.guidance) or None,
+                    **({"loras": self.loras} if self.loras else {}))
+
+
+def custom_base(base: str) -> Family:
+    """The family of a custom checkpoint: its reference and LCM-LoRA, the architecture read from its
+    model_index.json (on disk, or that one small file fetched from the Hub)."""
+    from fastgen import hub
+    from fastgen.registry import custom_family
+
+    folder = hub.local_folder(base)
+    index = folder / "model_index.json" if folder is not None else None
+    if index is None or not index.is_file():
+        if hub.is_local(base):
+            raise RequestError("base", f"{shown(base)} is not a diffusers folder (no model_index.json)")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(base, "model_index.json"))
+        except Exception as error:  # offline, no such repo, gated
+            raise RequestError("base", f"cannot read {shown(base)}'s model_index.json: {error}") from None
+    pipeline = hub.read_json(index).get("_class_name", "")
+    arch = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}.get(pipeline)
+    if arch is None:
+        raise RequestError("base", f"{shown(base)} is a {pipeline or 'pipeline of unknown kind'}; custom models "
+                                   "are SDXL or SD 1.5 checkpoints")
+    return custom_family(base, arch=arch)
 
 
 @dataclass(frozen=True)

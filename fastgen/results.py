@@ -34,13 +34,16 @@ class MethodResult:
     mode: str = "text2img"  # or "img2img", "inpaint"
     strength: float | None = None  # a refine's: the share of the schedule redone
     outside_change: dict | None = None  # inpainting: {"mean", "max"} change outside the mask (0-255), "kept"
+    loras: list[dict] = field(default_factory=list)  # style LoRAs applied: {"repo", "weight_name", "scale"}
 
     def to_dict(self, image: str | None = None) -> dict:
         """JSON-safe fields; `image` is the file name the image was saved under (default `<method>.png`). The
-        refine fields (strength, outside_change) appear on refine results only."""
+        refine fields (strength, outside_change) appear on refine results only, `loras` when some were applied."""
         data = {k: v for k, v in asdict(self).items() if k != "image"}
         if self.mode == "text2img":
             del data["strength"], data["outside_change"]
+        if not self.loras:
+            del data["loras"]
         data["image"] = image or f"{self.method}.png"
         return data
 

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 
-from fastgen.registry import Family, MethodSpec, get_family
+from fastgen.registry import FAMILIES, Family, MethodSpec, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,9 @@ class Ingress:
                 raise RequestError("method", f"`method` must name one of {self.family.method_names}")
             fields["methods"] = [method]
         req = CompareRequest.parse(fields, family=self.family)
+        if req.loras or req.family.name not in FAMILIES:
+            name = "loras" if req.loras else "base"
+            raise RequestError(name, "custom models and style LoRAs are not served by the Ray Serve app yet")
         self.served(req.methods)
         order = run_order(self.family.name, req.methods, {m: req.steps.get(m, self.family.method(m).steps)
                                                            for m in req.methods},

@@ -38,9 +38,10 @@ def _args(*pairs) -> str:
 
 def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
                 width: int, height: int, device: str, dtype: str, scheduler_class: str,
-                refine: dict | None = None) -> str:
+                refine: dict | None = None, styles=()) -> str:
     """`refine`: a refine's pipeline, strength, mask (bool), keep_outside and resize ((w, h) or None); the snippet
-    then reads source.png (and mask.png) from where it runs, as `Comparison.save` writes them."""
+    then reads source.png (and mask.png) from where it runs, as `Comparison.save` writes them. `styles`: the
+    StyleLoras stacked on the method, loaded as named adapters and set with their scales."""
     dtype_expr = _Raw(f"torch.{dtype}")
     pipeline = refine["pipeline"] if refine else spec.pipeline
     imports = {pipeline}
@@ -83,11 +84,18 @@ def method_code(spec: MethodSpec, *, prompt: str, negative_prompt: str, seed: in
         imports.add(cls)
         extra = "".join(f", {k}={v!r}" for k, v in spec.scheduler_kwargs)
         lines.append(f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{extra})")
+    adapters = []  # (name, scale)
     if spec.lora_repo is not None:
         lora = _args(("weight_name", spec.lora_weight_name), ("adapter_name", spec.name))
         lines.append(f"pipe.load_lora_weights({_repo(spec.lora_repo, extra_imports)}, {lora})")
-        if spec.lora_scale != 1.0:
-            lines.append(f"pipe.set_adapters([{spec.name!r}], adapter_weights=[{spec.lora_scale!r}])")
+        adapters.append((spec.name, spec.lora_scale))
+    for i, style in enumerate(styles, 1):
+        lora = _args(("weight_name", style.weight_name), ("adapter_name", f"style{i}"))
+        lines.append(f"pipe.load_lora_weights({_repo(style.repo, extra_imports)}, {lora})")
+        adapters.append((f"style{i}", style.scale))
+    if styles or any(scale != 1.0 for _, scale in adapters):
+        names, scales = [n for n, _ in adapters], [float(w) for _, w in adapters]
+        lines.append(f"pipe.set_adapters({names!r}, adapter_weights={scales!r})")
     call = [("num_inference_steps", steps), ("guidance_scale", float(guidance)), ("width", width), ("height", height)]
     if refine:
         size = call[2:] if refine["mask"] else []  # inpainting would otherwise draw at the UNet's sample size

@@ -91,16 +91,23 @@ BAD_REQUESTS = [
     (dict(methods=["lcm"], guidance=[1.0]), "guidance"),
     (dict(methods=["lcm"], guidance=7.5), "guidance"),
     (dict(methods=["baseline"], guidance={"baseline": -1}), "guidance"),
+    # base and loras: checked, and off unless the host allows custom models
+    (dict(base=123), "base"),
+    (dict(base="someone/my-finetune"), "base"),
+    (dict(loras="someone/style"), "loras"),
+    (dict(loras=[{"repo": "someone/style"}]), "loras"),
+    (dict(loras=[{"repo": "someone/style", "weight_name": "s.safetensors", "scale": 9}]), "loras"),
+    (dict(loras=[{"repo": "someone/style", "weight_name": "s.safetensors"}]), "loras"),
 ]
 
 # JSON bodies (as text) that only raw HTTP can send: the values json.dumps refuses or a client would mangle.
 RAW_ONLY = [
-    ('["a red circle", NaN, null, null, null, null, null, null, null]', "seed"),
-    ('["a red circle", Infinity, null, null, null, null, null, null, null]', "seed"),
-    ('["a red circle", 0, null, null, -Infinity, null, null, null, null]', "width"),
-    ('["a red circle", 0, null, null, NaN, null, null, null, null]', "width"),
-    ('["a red circle", 0, null, ["lcm"], null, null, null, null, {"lcm": NaN}]', "guidance"),
-    ('["a red circle", 0, null, ["lcm"], null, null, null, null, {"lcm": Infinity}]', "guidance"),
-    ('["a red \\ud800 circle", 0, null, null, null, null, null, null, null]', "prompt"),
-    ('["a red circle", 0, "\\udfff", null, null, null, null, null, null]', "negative_prompt"),
+    ('["a red circle", NaN, null, null, null, null, null, null, null, null, null]', "seed"),
+    ('["a red circle", Infinity, null, null, null, null, null, null, null, null, null]', "seed"),
+    ('["a red circle", 0, null, null, -Infinity, null, null, null, null, null, null]', "width"),
+    ('["a red circle", 0, null, null, NaN, null, null, null, null, null, null]', "width"),
+    ('["a red circle", 0, null, ["lcm"], null, null, null, null, {"lcm": NaN}, null, null]', "guidance"),
+    ('["a red circle", 0, null, ["lcm"], null, null, null, null, {"lcm": Infinity}, null, null]', "guidance"),
+    ('["a red \\ud800 circle", 0, null, null, null, null, null, null, null, null, null]', "prompt"),
+    ('["a red circle", 0, "\\udfff", null, null, null, null, null, null, null, null]', "negative_prompt"),
 ]

@@ -86,3 +86,10 @@ def engine(fake_hub):
     from fastgen.engine import Engine
 
     return Engine(device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_custom_models_allowed(monkeypatch):
+    """Every test starts on a server whose host allows no custom model or LoRA (tests that need it say so)."""
+    monkeypatch.delenv("FASTGEN_ALLOW_CUSTOM", raising=False)
+    monkeypatch.delenv("FASTGEN_CUSTOM_ALLOW", raising=False)

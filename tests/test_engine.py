@@ -331,7 +331,7 @@ def test_the_lora_needs_the_unet_lock(engine):
     engine.run("sd15", "lcm-lora", PROMPT, **SIZE)
     lora_key = next(k for k, i in engine.cache._items.items() if i.kind == "lora")
     with pytest.raises(RuntimeError, match="only be enabled by the run holding its UNet"):
-        with engine.adapters.active(lora_key):
+        with engine.adapters.active([lora_key]):
             pass
 
 

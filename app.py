@@ -23,6 +23,8 @@ except ImportError:
         return fn
 
 import argparse
+import base64
+import io
 import logging
 import os
 import random
@@ -250,7 +252,11 @@ class Runs:
         family = check_family(family).name
         out = {}
         seed = random.randint(0, MAX_SEED) if vary is True else slider_int(seed)
-        image = sketch_image(sketch) if sketching is True else None
+        try:
+            image = sketch_image(sketch) if sketching is True else None
+        except RequestError as error:  # a sketch the canvas would never send: said in every panel
+            return self.by_component({f"live.{m}.caption": f"⚠️ {error}" for m in self.slots
+                                      if m in (methods or []) and m in present.live_methods(family)})
         for method in self.slots:
             if method not in (methods or []) or method not in present.live_methods(family):
                 continue
@@ -577,9 +583,24 @@ def live_api(engine: Engine, default: str):
 
 
 def sketch_image(sketch):
-    """The sketchpad's drawing as RGB (empty canvas white), or None when there is no drawing."""
+    """The sketch as RGB (transparent pixels white), or None when nothing is drawn: the canvas's PNG data URL
+    (as the page sends it), or an image editor's value ({"composite"} / {"layers"}) as the library's callers may."""
     from PIL import Image
 
+    if isinstance(sketch, str):
+        if not sketch.startswith(SKETCH_PREFIX):
+            return None
+        data = sketch[len(SKETCH_PREFIX):]
+        if len(data) > MAX_SKETCH_CHARS:
+            raise RequestError("sketch", f"the sketch must be at most {MAX_SKETCH_CHARS} base64 characters")
+        try:
+            drawing = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            drawing.load()
+        except Exception:
+            raise RequestError("sketch", "the sketch is not a PNG image") from None
+        if max(drawing.size) > SKETCH_SIZE:
+            raise RequestError("sketch", f"the sketch must be at most {SKETCH_SIZE} pixels a side")
+        return present.flatten(drawing)
     value = sketch if isinstance(sketch, dict) else {}
     drawing = value.get("composite")
     if not isinstance(drawing, Image.Image):
@@ -600,6 +621,8 @@ def reference_result(board: Board | None, family: str):
     return panel.result if panel is not None else None
 
 
+SKETCH_COLORS = ["#dc2828", "#28aa46", "#285adc", "#ebcd28", "#8c46be", "#f08c1e", "#191919", "#ebebeb"]
+
 CSS = """
 /* As many panels per row as fit at 240 px or more; the grid wraps the rest (N panels, any screen). */
 .fg-panels { display: grid !important; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 12px; }
@@ -612,7 +635,14 @@ CSS = """
 .fg-bar { height: 6px; border-radius: 3px; background: var(--neutral-200); overflow: hidden; margin: 2px 0 4px; }
 .fg-bar > div { height: 100%; background: var(--color-accent); transition: width 0.1s linear; }
 .fg-note, .fg-note p { font-size: 0.8em !important; color: var(--body-text-color-subdued); }
-"""
+.fg-sketchpad canvas { width: 100%; max-width: 300px; aspect-ratio: 1; background: white; touch-action: none;
+  border: 1px solid var(--border-color-primary); border-radius: 4px; cursor: crosshair; display: block; }
+.fg-swatches { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 6px; align-items: center; }
+.fg-swatch { width: 22px; height: 22px; border-radius: 50%; border: 2px solid var(--border-color-primary); }
+.fg-swatch.fg-picked { outline: 2px solid var(--color-accent); outline-offset: 1px; }
+.fg-sketch-clear { font-size: 0.8em; padding: 2px 8px; margin-left: 6px; border-radius: 4px;
+  border: 1px solid var(--border-color-primary); }
+""" + "".join(f'.fg-swatch[data-colour="{c}"] {{ background: {c}; }}\n' for c in SKETCH_COLORS)
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
 
 
@@ -739,14 +769,11 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                     with gr.Column(scale=2):
                         live_sketching = gr.Checkbox(False, label="Sketch mode",
                                                      info="your strokes, refined by each method (image-to-image)")
-                        sketch = gr.Sketchpad(value=white_canvas(), type="pil", image_mode="RGBA", format="png",
-                                              canvas_size=(256, 256), layers=False, transforms=(), height=300,
-                                              brush=gr.Brush(colors=SKETCH_COLORS, default_size=16),
-                                              label="Sketch", elem_classes="fg-sketch")
+                        gr.HTML(sketchpad_html(), elem_classes="fg-sketch")
+                        sketch = gr.Textbox(visible="hidden", elem_id="fg-sketch-data")  # the canvas as PNG
                         live_strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Sketch strength",
                                                   info="how much of the sketch is redrawn; Turbo takes 2 steps "
                                                        "below 1.0, since steps x strength must reach 1")
-                sketch_value = gr.State(None)  # the strokes, as the last stroke left them (see the wiring)
                 live_panels = {}
                 with gr.Row(elem_classes="fg-panels"):
                     for method in runs.slots:
@@ -854,16 +881,14 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
               outputs=refine_slider, queue=False, api_visibility="private")
         # -- live -----------------------------------------------------------------------------------------
         live_outputs = [getattr(live_panels[m], o) for m in slots for o in ("image", "caption")]
-        live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch_value,
+        live_inputs = [family_box, live_prompt, live_seed, live_vary, live_methods_box, live_sketching, sketch,
                        live_strength]
-        # The sketchpad is read once per stroke, into a State, and never by the frame itself: reading an image
-        # editor re-uploads its images and re-renders it, which fires its own input/change events again, so a
-        # frame that read the sketchpad and was triggered by it would trigger itself without end (and flood the
-        # queue until typed edits were refused).
-        sketch.input(lambda value: value, inputs=sketch, outputs=sketch_value, queue=False,
-                     trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+        # The sketch is a plain canvas whose drawing the browser writes, as a PNG data URL, into a hidden box at
+        # the end of each stroke (SKETCH_JS); the box's change draws a frame. Gradio's image editor was tried
+        # first: reading it re-uploads its images and re-renders it, which fired its own events again (frames
+        # triggered themselves without end), and it handed over its last server value, not the strokes.
         gr.on([live_prompt.input, live_seed.input, live_vary.input, live_methods_box.input, live_sketching.input,
-               sketch_value.change, live_strength.release, live_tab.select], gpu_task(runs.live),
+               sketch.change, live_strength.release, live_tab.select], gpu_task(runs.live),
               inputs=live_inputs,
               outputs=live_outputs, trigger_mode="always_last", concurrency_id=GPU, concurrency_limit=gpu_jobs,
               show_progress="hidden", api_name="live_page", api_visibility="private")
@@ -945,13 +970,54 @@ class OutputPanelView:
                     self.code = gr.Code(language="python", show_label=False, interactive=False)
 
 
-SKETCH_COLORS = ["#dc2828", "#28aa46", "#285adc", "#ebcd28", "#8c46be", "#f08c1e", "#191919", "#ebebeb"]
+SKETCH_SIZE = 256  # the canvas's pixels a side; each method's image-to-image fits it to its own size
+SKETCH_PREFIX = "data:image/png;base64,"
+MAX_SKETCH_CHARS = 1_000_000  # a 256 x 256 RGBA PNG is at most ~350 kB in base64
 
 
-def white_canvas():
-    from PIL import Image
+def sketchpad_html() -> str:
+    """The Live tab's sketchpad: a plain canvas, colour swatches and Clear (SKETCH_JS does the drawing)."""
+    swatches = "".join(f'<button type="button" class="fg-swatch{" fg-picked" if i == 0 else ""}" data-colour="{c}" '
+                       f'aria-label="brush colour {c}"></button>' for i, c in enumerate(SKETCH_COLORS))
+    return ('<div class="fg-sketchpad"><div class="fg-note">Sketch</div>'
+            f'<canvas id="fg-sketch-canvas" width="{SKETCH_SIZE}" height="{SKETCH_SIZE}" aria-label="Sketch canvas">'
+            f'</canvas><div class="fg-swatches">{swatches}'
+            '<button type="button" class="fg-sketch-clear">Clear</button></div></div>')
 
-    return Image.new("RGB", (256, 256), "white")
+
+# Drawing on the sketchpad, with listeners on the document (the Live tab's content may mount later): a round
+# brush in the picked colour; at the end of each stroke (and on Clear) the canvas goes to the hidden
+# #fg-sketch-data box as a PNG data URL, whose input event draws a frame.
+SKETCH_JS = """() => {
+    const pen = {colour: "%s", width: 16, down: false, last: null};
+    const canvas = () => document.getElementById("fg-sketch-canvas");
+    const at = (c, e) => { const r = c.getBoundingClientRect();
+        return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height]; };
+    const brush = (c) => { const x = c.getContext("2d"); x.lineCap = "round"; x.lineJoin = "round";
+        x.lineWidth = pen.width; x.strokeStyle = pen.colour; x.fillStyle = pen.colour; return x; };
+    const send = (c) => { const box = document.querySelector("#fg-sketch-data textarea, #fg-sketch-data input");
+        if (!box) return;
+        box.value = c.dataset.drawn === "1" ? c.toDataURL("image/png") : "";
+        box.dispatchEvent(new Event("input", {bubbles: true})); };
+    document.addEventListener("pointerdown", (e) => {
+        const c = canvas(); if (!c || e.target !== c) return;
+        e.preventDefault(); c.setPointerCapture(e.pointerId); pen.down = true; pen.last = at(c, e);
+        const x = brush(c); x.beginPath(); x.arc(pen.last[0], pen.last[1], pen.width / 2, 0, 2 * Math.PI); x.fill();
+        c.dataset.drawn = "1"; });
+    document.addEventListener("pointermove", (e) => {
+        const c = canvas(); if (!c || !pen.down) return;
+        const p = at(c, e), x = brush(c); x.beginPath(); x.moveTo(pen.last[0], pen.last[1]); x.lineTo(p[0], p[1]);
+        x.stroke(); pen.last = p; });
+    document.addEventListener("pointerup", () => { const c = canvas(); if (!c || !pen.down) return;
+        pen.down = false; send(c); });
+    document.addEventListener("click", (e) => {
+        const swatch = e.target.closest && e.target.closest(".fg-swatch");
+        if (swatch) { pen.colour = swatch.dataset.colour;
+            document.querySelectorAll(".fg-swatch").forEach((b) => b.classList.toggle("fg-picked", b === swatch)); }
+        const clear = e.target.closest && e.target.closest(".fg-sketch-clear");
+        if (clear && canvas()) { const c = canvas(); c.getContext("2d").clearRect(0, 0, c.width, c.height);
+            c.dataset.drawn = "0"; send(c); } });
+}""" % SKETCH_COLORS[0]
 
 
 def panel_spec(family: str, method: str):
@@ -1083,7 +1149,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **k
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     PUBLIC["bind"] = host not in ("127.0.0.1", "localhost", "::1")  # local folders only on a loopback bind
     return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS,
-                      footer_links=["api"], **kwargs)
+                      js=SKETCH_JS, footer_links=["api"], **kwargs)
 
 
 demo = create_demo(RemoteEngine(os.environ["FASTGEN_BACKEND"]) if os.environ.get("FASTGEN_BACKEND") else None)

@@ -8,8 +8,8 @@
 A UNet is shared by every method that loads the same files (the baseline, LCM-LoRA, Hyper-SD), so no adapter
 is ever fused into it. Each adapter is attached once and left disabled; `active` enables the run's adapters
 (a method's own, and any style LoRAs stacked on it, each at its scale; the others on the same UNet stay off)
-for the run that holds the UNet's lock, and disables them on exit, even when the run fails or is stopped. The cache stores the adapter's record (its bytes count towards the
-budget); evicting it, or its UNet, detaches it.
+for the run that holds the UNet's lock, and disables them on exit, even when the run fails or is stopped.
+The cache stores the adapter's record (its bytes count towards the budget); evicting it, or its UNet, detaches it.
 """
 
 from __future__ import annotations

@@ -575,6 +575,34 @@ def test_live_input_problems_stay_in_the_caption(runs):
     assert runs.engine.calls == []
 
 
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return app.SKETCH_PREFIX + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_canvas_sketch_arrives_as_a_png_data_url_flattened_on_white(runs):
+    """The page's canvas sends its drawing as a PNG data URL: transparent pixels become white, strokes keep
+    their colour; anything else that is not a drawing says so in the caption and runs nothing."""
+    drawing = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    drawing.paste((220, 40, 40, 255), (80, 80, 180, 180))
+    flat = app.sketch_image(data_url(drawing))
+    assert flat.mode == "RGB" and flat.getpixel((10, 10)) == (255, 255, 255)
+    assert flat.getpixel((120, 120)) == (220, 40, 40)
+    assert app.sketch_image("") is None  # nothing drawn (or cleared): text-to-image
+    live(runs, sketching=True, sketch=data_url(drawing))
+    assert [call[0] for call in runs.engine.calls] == ["refine"]
+    runs.engine.calls.clear()
+    for bad, message in ((app.SKETCH_PREFIX + "not base64!", "not a PNG"),
+                         (data_url(Image.new("RGB", (1024, 1024))), "at most 256 pixels")):
+        out = live(runs, sketching=True, sketch=bad)
+        assert message in out["live.turbo.caption"] and "live.turbo.image" not in out
+    assert runs.engine.calls == []
+
+
 def test_vary_draws_a_new_seed_each_frame(runs):
     seeds = {live(runs, vary=True) and runs.engine.calls[-1][2] for _ in range(3)}
     assert len(seeds) == 3

@@ -8,12 +8,15 @@ shipped mini weights when they are in the checkout, else on random tiny ones of 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import app
 from fastgen import registry
@@ -64,6 +67,13 @@ def page(url, browser):
     page.goto(url)
     yield page
     page.close()
+
+
+def url_of(page, src: str) -> str:
+    """An image's absolute URL from its src as the page holds it."""
+    from urllib.parse import urljoin
+
+    return urljoin(page.url, src)
 
 
 def panel(page, label: str, refine: bool = False):
@@ -164,10 +174,11 @@ def test_refine_a_panel_with_a_painted_stroke(page, tmp_path):
                     full_page=True)
 
 
-def test_live_follows_the_prompt_as_it_is_typed_after_a_refine(page, tmp_path):
+def test_live_follows_the_prompt_as_it_is_typed_and_the_sketch_as_it_is_drawn(page, tmp_path):
     """On the page that has just refined: the Live tab draws on arrival; typing redraws after each pause, and the
-    caption names the prompt drawn. No request is refused on the way (frames that read the sketchpad they were
-    triggered by re-triggered themselves and filled the queue until typed edits were refused with 503)."""
+    caption names the prompt drawn; in sketch mode a stroke of red is refined into a red shape (read back by the
+    mini analyzer). No request is refused on the way (frames that read the sketchpad they were triggered by
+    re-triggered themselves and filled the queue until typed edits were refused with 503)."""
     refused = []
     page.on("response", lambda response: refused.append(response.url) if response.status >= 400 else None)
     page.get_by_role("tab", name="Live").click()
@@ -182,9 +193,30 @@ def test_live_follows_the_prompt_as_it_is_typed_after_a_refine(page, tmp_path):
     playwright.expect(caption).to_contain_text("ms per frame")
     assert turbo.locator(".fg-image img").get_attribute("src") != first
     assert refused == []
+
+    box.fill("a large red circle on a white background")  # the first brush colour is red
+    page.get_by_label("Sketch mode").check()
+    canvas = page.locator("#fg-sketch-canvas")
+    bounds = canvas.bounding_box()
+    x, y = bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2
+    page.mouse.move(x - 45, y - 30)
+    page.mouse.down()
+    for row in range(-30, 31, 5):  # a filled blob, row by row, in one stroke
+        page.mouse.move(x - 45, y + row, steps=3)
+        page.mouse.move(x + 45, y + row, steps=3)
+    page.mouse.up()
+    playwright.expect(caption).to_contain_text("from the sketch at strength 0.7", timeout=30_000)
+    playwright.expect(caption).to_contain_text("“a large red circle on a white background”")
+    assert refused == []
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(Path(os.environ.get("FASTGEN_SCREENSHOT_DIR") or tmp_path) / "screenshot-live.png"),
                     full_page=True)
+    if (registry.MINI_WEIGHTS / "base" / "model_index.json").exists():  # random weights draw no shape
+        from fastgen.mini.analyzer import analyze
+
+        src = turbo.locator(".fg-image img").get_attribute("src")
+        png = page.request.get(src if src.startswith("http") else url_of(page, src)).body()
+        assert analyze(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))).color == "red"
 
 
 # --- N panels: the page built from the registry, on the fake Hub's sdxl family (seven methods) ----------------

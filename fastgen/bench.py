@@ -162,7 +162,7 @@ def bench_method(engine, family: Family, method: str, *, width: int, height: int
     _reset_peak(engine.device)
     load_seconds = engine.load(family, [method])
     tick()
-    pipe, _, _ = engine._pipeline(family, spec.at_steps(steps))  # the modules the runs use (cached: no load)
+    pipe, *_ = engine._pipeline(family, spec.at_steps(steps))  # the modules the runs use (cached: no load)
     if compile and not getattr(pipe.unet, "_compiled_call_impl", None):
         pipe.unet.compile()  # in place: the cached module itself, so every later run uses it
     seen, hooks = [], []
@@ -207,7 +207,7 @@ def overhead(engine, family: Family, method: str, *, width: int, height: int, st
     from fastgen.engine import call_kwargs
 
     spec = family.method(method).at_steps(steps)
-    pipe, _, _ = engine._pipeline(family, spec)
+    pipe, *_ = engine._pipeline(family, spec)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own: schedulers hold run state
     plain = type(pipe)(**{**pipe.components, "scheduler": scheduler})
     plain.set_progress_bar_config(disable=True)

@@ -96,6 +96,14 @@ class RefineRecipe:
         return steps if self.spreads_steps else min(int(steps * strength), steps)
 
 
+def as_folder(repo: str) -> str | None:
+    """`repo` as an absolute path when it names a folder on disk (absolute, ./ or ~/, or an existing folder),
+    None when it is a Hub id. The one rule the custom models, the LoRAs and the host's switch all follow."""
+    if os.path.isabs(repo) or repo.startswith((".", "~")) or os.path.isdir(os.path.expanduser(repo)):
+        return os.path.abspath(os.path.expanduser(repo))
+    return None
+
+
 @dataclass(frozen=True)
 class StyleLora:
     """A visitor's LoRA (a style, a subject) stacked on a method: a Hub id or local folder, the weight file in
@@ -109,6 +117,7 @@ class StyleLora:
     def __post_init__(self):
         if not self.repo or not self.weight_name:
             raise ValueError("a LoRA needs a repo (Hub id or folder) and the name of its weight file")
+        object.__setattr__(self, "repo", as_folder(self.repo) or self.repo)  # ./my-loras: the folder, not a Hub id
         if not -2.0 <= self.scale <= 2.0:
             raise ValueError(f"a LoRA's scale must be in [-2, 2], got {self.scale}")
 
@@ -536,8 +545,7 @@ def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, nam
         raise ValueError(f"`arch` must be one of ('sdxl', 'sd15'), got {arch!r}")
     if not base:
         raise ValueError(f"`base` must be a Hub id or a local folder, got {base!r}")
-    if base.startswith((".", "~")) or os.path.isdir(os.path.expanduser(base)):
-        base = os.path.abspath(os.path.expanduser(base))  # a folder on disk, not a Hub id
+    base = as_folder(base) or base
     template = get_family(arch)
     short = Path(base).name if os.path.isabs(base) else base
     methods = tuple(

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastgen.registry import Family, MethodSpec, RefineRecipe, StyleLora, get_family
+from fastgen.registry import Family, MethodSpec, RefineRecipe, StyleLora, as_folder, get_family
 
 MAX_PROMPT_CHARS = 2000  # the text encoders read 77 tokens (a few hundred characters); this only stops abuse
 MAX_SIZE = 2048  # pixels per side: past this SDXL on a 24 GB card runs out of memory, and no method was trained there
@@ -170,7 +170,7 @@ def custom_refusal(repo: str) -> str | None:
     for those alone; a local folder only with FASTGEN_ALLOW_CUSTOM=1 on a server bound to this machine."""
     allow_all = os.environ.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes")
     allowlist = {r.strip() for r in os.environ.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()}
-    if os.path.isabs(repo) or repo.startswith((".", "~")):
+    if as_folder(repo) is not None:
         if allow_all and not PUBLIC["bind"]:
             return None
         return "local folders are not offered by this server (only with FASTGEN_ALLOW_CUSTOM=1 on 127.0.0.1)"
@@ -384,6 +384,7 @@ def custom_base(base: str) -> Family:
     from fastgen import hub
     from fastgen.registry import custom_family
 
+    base = as_folder(base) or base
     folder = hub.local_folder(base)
     index = folder / "model_index.json" if folder is not None else None
     if index is None or not index.is_file():

@@ -188,3 +188,18 @@ def test_a_fine_tune_with_a_style_through_the_api_equals_its_recipe(fake_hub, fi
     assert list(plain.getdata()) != list(image.getdata())
     assert_same_image(plain, Engine(device="cpu").run("sd15", "baseline", PROMPT, seed=5, steps=3, **SIZE).image,
                       tolerance=0)
+
+
+def test_a_relative_folder_is_a_folder_for_the_gate_and_the_loras(tmp_path, monkeypatch):
+    """A folder named without ./ (an existing "my-model") is not a Hub id: the host's switch treats it as a
+    local folder, and a LoRA's ./folder resolves to its absolute path, as custom_family resolves a base."""
+    from fastgen import request
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+    monkeypatch.setitem(request.PUBLIC, "bind", True)
+    assert "local folders" in request.custom_refusal("my-model")
+    assert request.custom_refusal("someone/my-model") is None
+    assert StyleLora("./my-model", "s.safetensors").repo == str(tmp_path / "my-model")
+    assert StyleLora("someone/style", "s.safetensors").repo == "someone/style"

@@ -216,18 +216,13 @@ class Engine:
         pipe = self._construct(getattr(diffusers, pipeline or spec.pipeline), model_index, parts,
                                self._scheduler(family, spec, folder))
 
-        loras = []  # (repo, weight name, scale): the method's own adapter, then the styles stacked on it
-        if spec.lora_repo is not None:
-            loras.append((spec.lora_repo, spec.lora_weight_name, spec.lora_scale, folders[spec.lora_repo]))
-        for style in styles:
-            loras.append((style.repo, style.weight_name, style.scale, self._style_folder(style, family)))
-        keys, scales = [], []
-        for i, (repo, weight_name, scale, where) in enumerate(loras):
-            style = i >= len(loras) - len(styles)
-            keys.append(self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale,
-                                     unet_only=style))
-            scales.append(scale)
-        return pipe, sorted(pinned), keys, scales
+        # (repo, weight name, scale, folder, unet only): the method's own adapter, then the styles stacked on it
+        loras = [(spec.lora_repo, spec.lora_weight_name, spec.lora_scale, folders[spec.lora_repo], False)
+                 ] if spec.lora_repo is not None else []
+        loras += [(s.repo, s.weight_name, s.scale, self._style_folder(s, family), True) for s in styles]
+        keys = [self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale,
+                             unet_only=unet_only) for repo, weight_name, scale, where, unet_only in loras]
+        return pipe, sorted(pinned), keys, [scale for _, _, scale, _, _ in loras]
 
     def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,
                 pinned: set[str], scale: float, unet_only: bool = False) -> str:

@@ -582,34 +582,23 @@ def live_api(engine: Engine, default: str):
     return live, validate
 
 
-def sketch_image(sketch):
-    """The sketch as RGB (transparent pixels white), or None when nothing is drawn: the canvas's PNG data URL
-    (as the page sends it), or an image editor's value ({"composite"} / {"layers"}) as the library's callers may."""
+def sketch_image(sketch: str | None):
+    """The sketch as RGB (transparent pixels white), or None when nothing is drawn: the canvas's drawing, as the
+    page sends it (a PNG data URL; "" when the canvas is empty)."""
     from PIL import Image
 
-    if isinstance(sketch, str):
-        if not sketch.startswith(SKETCH_PREFIX):
-            return None
-        data = sketch[len(SKETCH_PREFIX):]
-        if len(data) > MAX_SKETCH_CHARS:
-            raise RequestError("sketch", f"the sketch must be at most {MAX_SKETCH_CHARS} base64 characters")
-        try:
-            drawing = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-            drawing.load()
-        except Exception:
-            raise RequestError("sketch", "the sketch is not a PNG image") from None
-        if max(drawing.size) > SKETCH_SIZE:
-            raise RequestError("sketch", f"the sketch must be at most {SKETCH_SIZE} pixels a side")
-        return present.flatten(drawing)
-    value = sketch if isinstance(sketch, dict) else {}
-    drawing = value.get("composite")
-    if not isinstance(drawing, Image.Image):
-        layers = [layer for layer in value.get("layers") or [] if isinstance(layer, Image.Image)]
-        if not layers:
-            return None
-        drawing = layers[0].convert("RGBA")
-        for layer in layers[1:]:
-            drawing.alpha_composite(layer.convert("RGBA"))
+    if not isinstance(sketch, str) or not sketch.startswith(SKETCH_PREFIX):
+        return None
+    data = sketch[len(SKETCH_PREFIX):]
+    if len(data) > MAX_SKETCH_CHARS:
+        raise RequestError("sketch", f"the sketch must be at most {MAX_SKETCH_CHARS} base64 characters")
+    try:
+        drawing = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        drawing.load()
+    except Exception:
+        raise RequestError("sketch", "the sketch is not a PNG image") from None
+    if max(drawing.size) > SKETCH_SIZE:
+        raise RequestError("sketch", f"the sketch must be at most {SKETCH_SIZE} pixels a side")
     return present.flatten(drawing)
 
 

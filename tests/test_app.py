@@ -566,22 +566,22 @@ def test_a_live_frame_draws_each_chosen_method_once_and_names_the_prompt(runs):
     assert "ms** per frame (up to" in out["live.turbo.caption"]
 
 
-def test_live_input_problems_stay_in_the_caption(runs):
-    out = live(runs, prompt="   ")
-    assert "live.turbo.image" not in out and "must not be empty" in out["live.turbo.caption"]
-    out = live(runs, sketching=True, sketch={"composite": Image.new("RGBA", (256, 256), (255, 0, 0, 255))},
-               strength=0.2)
-    assert "at least 0.25" in out["live.turbo.caption"]  # Turbo: steps x strength must reach 1 within 4 steps
-    assert runs.engine.calls == []
-
-
 def data_url(image) -> str:
+    """An image as the page's canvas sends it: a PNG data URL."""
     import base64
     import io
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return app.SKETCH_PREFIX + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_live_input_problems_stay_in_the_caption(runs):
+    out = live(runs, prompt="   ")
+    assert "live.turbo.image" not in out and "must not be empty" in out["live.turbo.caption"]
+    out = live(runs, sketching=True, sketch=data_url(Image.new("RGBA", (256, 256), (255, 0, 0, 255))), strength=0.2)
+    assert "at least 0.25" in out["live.turbo.caption"]  # Turbo: steps x strength must reach 1 within 4 steps
+    assert runs.engine.calls == []
 
 
 def test_the_canvas_sketch_arrives_as_a_png_data_url_flattened_on_white(runs):

@@ -169,12 +169,13 @@ def test_a_sketched_blob_becomes_a_shape_in_the_strokes_colour(engine, colour):
 
     from fastgen.mini.analyzer import analyze
     from fastgen.mini.world import PALETTE
+    from tests.test_app import data_url
 
     canvas = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).polygon([(70, 90), (150, 60), (200, 120), (170, 200), (90, 180)], fill=PALETTE[colour])
     runs = app.Runs(engine)
     out = runs.live("mini", f"a large {colour} circle on a white background", 0, False, ["turbo"], True,
-                    {"composite": canvas}, 0.7)
+                    data_url(canvas), 0.7)
     assert "2 steps" not in out["live.turbo.caption"] and "ms** per frame" in out["live.turbo.caption"]
     assert "from the sketch at strength 0.7" in out["live.turbo.caption"]
     assert analyze(np.asarray(out["live.turbo.image"])).color == colour

@@ -46,6 +46,12 @@ def _pairs(cast):
 
 def _family(args):
     if args.base:
+        from fastgen import single_file
+
+        if single_file.is_single_file(args.base):  # one .safetensors: its architecture is read from the file
+            from fastgen.request import custom_base
+
+            return custom_base(args.base)
         return custom_family(args.base, arch=args.family or "sdxl", variant=args.variant)
     if args.family is None:
         from fastgen.engine import default_family
@@ -312,8 +318,8 @@ def parser() -> argparse.ArgumentParser:
     def family_options(p, default=None):
         p.add_argument("--family", choices=list(FAMILIES), default=default,
                        help="model family (default: sdxl with CUDA, else mini); with --base, its architecture")
-        p.add_argument("--base", help="a custom SDXL/SD1.5 checkpoint (Hub id or folder) as baseline, "
-                                      "with LCM-LoRA applied on it")
+        p.add_argument("--base", help="a custom SDXL/SD1.5 checkpoint (Hub id or folder, or one .safetensors "
+                                      "file) as baseline, with LCM-LoRA applied on it")
         p.add_argument("--variant", help="weight variant of --base (e.g. fp16), if it ships one")
 
     def run_options(p):

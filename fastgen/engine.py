@@ -162,7 +162,12 @@ class Engine:
         missing = hub.missing_files(spec)
         if missing and not fetch.hub_problem() and not any(hub.is_local(r) for r in missing):
             try:
-                fetch.download(fetch.plan([spec], fetch.HubListing()))
+                plan = fetch.plan([spec], fetch.HubListing())
+                if family.name not in FAMILIES:  # a visitor's model: the host caps what it may download
+                    fetch.check_cap(f"{spec.repo} ({spec.label})", plan.needed_bytes)
+                fetch.download(plan)
+            except fetch.OverCap as error:
+                raise NotAvailable(str(error)) from None
             except Exception as error:  # no network, Hub down, gated repo: all mean "not here, fetch them"
                 logger.warning("downloading %s failed: %s", ", ".join(missing), error)
                 raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None) from error
@@ -266,8 +271,13 @@ class Engine:
                 try:
                     from huggingface_hub import hf_hub_download
 
-                    hf_hub_download(style.repo, style.weight_name)
+                    size = fetch.HubListing().files(style.repo).get(style.weight_name, 0)
+                    fetch.check_cap(f"{style.repo}/{style.weight_name}", size)
+                    hf_hub_download(style.repo, style.weight_name, cache_dir=hub.cache_dir(),
+                                    endpoint=fetch.endpoint())
                     where = hub.local_folder(style.repo)
+                except fetch.OverCap as error:
+                    raise NotAvailable(str(error)) from None
                 except Exception as error:  # no network, no such repo or file: not here, fetch it
                     logger.warning("downloading %s/%s failed: %s", style.repo, style.weight_name, error)
             if where is None or not (where / style.weight_name).is_file():

@@ -229,8 +229,37 @@ def check_space(plan: Plan) -> None:
                             f"{size_text(free)} free; free some space or point HF_HUB_CACHE at a bigger disk.")
 
 
+# --- the host's cap on visitors' downloads ----------------------------------------------------------------
+
+CUSTOM_MAX_GB = 20.0  # default cap: room for a full-precision SDXL fine-tune (about 14 GB) and its LCM-LoRA
+
+
+class OverCap(DownloadError):
+    """A visitor's custom model or LoRA would download more than the host allows."""
+
+
+def custom_cap() -> int:
+    """Bytes a visitor's custom model or LoRA may download: FASTGEN_CUSTOM_MAX_GB, else CUSTOM_MAX_GB."""
+    value = os.environ.get("FASTGEN_CUSTOM_MAX_GB", "").strip()
+    try:
+        gigabytes = float(value) if value else CUSTOM_MAX_GB
+    except ValueError:
+        raise DownloadError(f"FASTGEN_CUSTOM_MAX_GB must be a number of gigabytes, got {value!r}") from None
+    return int(gigabytes * 1e9)
+
+
+def check_cap(what: str, needed: int) -> None:
+    """Refuse, before the first byte, a visitor's download over the host's cap (FASTGEN_CUSTOM_MAX_GB)."""
+    cap = custom_cap()
+    if needed > cap:
+        raise OverCap(f"{what} needs {size_text(needed)} of downloads, over this server's cap of {size_text(cap)} "
+                      "for custom models and LoRAs (its host sets FASTGEN_CUSTOM_MAX_GB)")
+
+
 def size_text(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 # --- downloading -----------------------------------------------------------------------------------------

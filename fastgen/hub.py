@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers and transformers file names
 # Config keys that name where or with which version a file was written; they do not change the module.
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
-_NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler", "ImageProcessor", "FeatureExtractor")
+_NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler", "ImageProcessor", "ImageProcessorPil", "ImageProcessorFast",
+               "FeatureExtractor")
 _SHARD = re.compile(r"-\d+-of-\d+$")
 
 

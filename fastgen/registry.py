@@ -534,7 +534,8 @@ def get_family(name: str | Family) -> Family:
     return FAMILIES[name]
 
 
-def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, name: str | None = None) -> Family:
+def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, name: str | None = None,
+                  label: str | None = None) -> Family:
     """A family whose baseline is `base` (a Hub id or local folder of an SDXL or SD 1.5 checkpoint in diffusers
     layout), with the architecture's LCM-LoRA applied to it: LCM-LoRA as "turbo for any model".
 
@@ -554,7 +555,7 @@ def custom_family(base: str, arch: str = "sdxl", variant: str | None = None, nam
     )
     return Family(
         name=name or f"{arch}:{base}",
-        label=f"{short} ({template.label})",
+        label=f"{label or short} ({template.label})",
         methods=methods,
         description=f"{base} with {template.method('lcm-lora').lora_repo} applied on it.",
     )

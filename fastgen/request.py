@@ -174,7 +174,10 @@ def custom_refusal(repo: str) -> str | None:
         if allow_all and not PUBLIC["bind"]:
             return None
         return "local folders are not offered by this server (only with FASTGEN_ALLOW_CUSTOM=1 on 127.0.0.1)"
-    if allow_all or repo in allowlist:
+    from fastgen.single_file import hub_file
+
+    remote = hub_file(repo)  # owner/repo/model.safetensors: the repo's place on the allowlist covers its files
+    if allow_all or repo in allowlist or (remote is not None and remote[0] in allowlist):
         return None
     if allowlist:
         return f"{repo} is not on this server's list of custom models (FASTGEN_CUSTOM_ALLOW)"
@@ -380,10 +383,19 @@ class CompareRequest:
 
 def custom_base(base: str) -> Family:
     """The family of a custom checkpoint: its reference and LCM-LoRA, the architecture read from its
-    model_index.json (on disk, or that one small file fetched from the Hub)."""
-    from fastgen import hub
+    model_index.json (on disk, or that one small file fetched from the Hub). A single .safetensors (a path, or
+    owner/repo/file.safetensors on the Hub) is converted once into a diffusers folder (fastgen.single_file)."""
+    from fastgen import hub, single_file
     from fastgen.registry import custom_family
 
+    if single_file.is_single_file(base):  # one .safetensors: converted once into a diffusers folder
+        try:
+            path = single_file.locate(base)
+            arch = single_file.architecture(path)
+            folder = single_file.converted(path, arch)
+        except ValueError as error:
+            raise RequestError("base", str(error)) from None
+        return custom_family(str(folder), arch=arch, name=f"{arch}:{base}", label=path.name)
     base = as_folder(base) or base
     folder = hub.local_folder(base)
     index = folder / "model_index.json" if folder is not None else None
@@ -393,7 +405,10 @@ def custom_base(base: str) -> Family:
         try:
             from huggingface_hub import hf_hub_download
 
-            index = Path(hf_hub_download(base, "model_index.json"))
+            from fastgen import fetch
+
+            index = Path(hf_hub_download(base, "model_index.json", cache_dir=hub.cache_dir(), endpoint=fetch.endpoint(),
+                                         etag_timeout=fetch.LIST_TIMEOUT))
         except Exception as error:  # offline, no such repo, gated
             raise RequestError("base", f"cannot read {shown(base)}'s model_index.json: {error}") from None
     pipeline = hub.read_json(index).get("_class_name", "")

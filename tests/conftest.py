@@ -20,6 +20,7 @@ _HUB = Path(tempfile.mkdtemp(prefix="fastgen-fakehub-"))
 os.environ["HF_HUB_CACHE"] = str(_HUB)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["FASTGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastgen-cache-")  # converted checkpoints, never ~/
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -93,3 +94,33 @@ def _no_custom_models_allowed(monkeypatch):
     """Every test starts on a server whose host allows no custom model or LoRA (tests that need it say so)."""
     monkeypatch.delenv("FASTGEN_ALLOW_CUSTOM", raising=False)
     monkeypatch.delenv("FASTGEN_CUSTOM_ALLOW", raising=False)
+
+
+@pytest.fixture(scope="session")
+def style(tmp_path_factory):
+    """A local folder holding one UNet-only LoRA for SD 1.5 in the peft key format, and one in kohya's."""
+    from tests.fakehub import _unet, write_lora, write_peft_lora
+
+    folder = tmp_path_factory.mktemp("style-lora")
+    write_peft_lora(folder / "style.safetensors", _unet("sd", 0, 32), seed=91, rank=4)
+    write_lora(folder / "kohya.safetensors", _unet("sd", 0, 32), seed=92)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def finetune(fake_hub, tmp_path_factory):
+    """A "fine-tune": the sd15 base repo with other UNet weights, published on the fake Hub under another id."""
+    import shutil
+
+    from tests.fakehub import SD15_BASE, _unet, publish
+
+    snapshot = next((fake_hub / f"models--{SD15_BASE.replace('/', '--')}" / "snapshots").iterdir())
+    work = tmp_path_factory.mktemp("finetune") / "repo"
+    shutil.copytree(snapshot, work, symlinks=False)
+    unet = _unet("sd", 41, 32)
+    for old in (work / "unet").glob("diffusion_pytorch_model*"):
+        old.unlink()
+    unet.save_pretrained(work / "unet", variant="fp16")
+    unet.save_pretrained(work / "unet")
+    publish(fake_hub, "someone/sd15-finetune", work)
+    return "someone/sd15-finetune"

@@ -535,3 +535,92 @@ class HubServer:
             time.sleep(stall)
             data = data[len(data) // 2:]
         request.wfile.write(data)
+
+
+# --- single-file checkpoints ----------------------------------------------------------------------------------
+# An SD 1.5 pipeline folder as one .safetensors in the original (LDM) key layout, as community fine-tunes are
+# shared: the inverse of the renaming diffusers' from_single_file does, checked against it on the way out.
+
+def _ldm_unet_key(key: str, layers: int, attention_blocks: set[int]) -> str:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    direct = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers -> ldm
+    if key in direct:
+        return direct[key]
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+              ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    parts = key.split(".")
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+        rest = ".".join(parts[3:])
+        if parts[1] == "resnets":
+            for new, old in resnet:
+                rest = old + rest[len(new):] if rest.startswith(new + ".") else rest
+        return f"middle_block.{index}.{rest}"
+    kind, block, what, layer, rest = parts[0], int(parts[1]), parts[2], parts[3], ".".join(parts[4:])
+    if what == "resnets":
+        for new, old in resnet:
+            rest = old + rest[len(new):] if rest.startswith(new + ".") else rest
+    if kind == "down_blocks":
+        if what == "downsamplers":
+            return f"input_blocks.{1 + block * (layers + 1) + layers}.0.op.{rest.removeprefix('conv.')}"
+        return f"input_blocks.{1 + block * (layers + 1) + int(layer)}.{0 if what == 'resnets' else 1}.{rest}"
+    if what == "upsamplers":
+        slot = 2 if block in attention_blocks else 1
+        return f"output_blocks.{block * (layers + 1) + layers}.{slot}.{rest}"
+    return f"output_blocks.{block * (layers + 1) + int(layer)}.{0 if what == 'resnets' else 1}.{rest}"
+
+
+def _ldm_vae_key(key: str, blocks: int) -> str:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    direct = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in direct:
+        return direct[key]
+    side, parts = key.split(".")[0], key.split(".")[1:]
+    rest = ".".join(parts[3:]).replace("conv_shortcut", "nin_shortcut")
+    if parts[0] == "mid_block":
+        if parts[1] == "resnets":
+            return f"{side}.mid.block_{int(parts[2]) + 1}.{rest}"
+        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+        for new, old in names.items():
+            rest = old + rest[len(new):] if rest.startswith(new + ".") else rest
+        return f"{side}.mid.attn_1.{rest}"
+    block = int(parts[1]) if side == "encoder" else blocks - 1 - int(parts[1])
+    if parts[2] in ("downsamplers", "upsamplers"):
+        return f"{side}.{'down' if side == 'encoder' else 'up'}.{block}.{parts[2][:-2]}.{'.'.join(parts[4:])}"
+    return f"{side}.{'down' if side == 'encoder' else 'up'}.{block}.block.{parts[3]}.{'.'.join(parts[4:])}"
+
+
+def write_single_file(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`folder` (an SD 1.5 pipeline in diffusers layout) as one LDM-layout .safetensors at `path`; each part
+    checked to come back unchanged through diffusers' own conversion."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
+    out = {}
+    unet_sd = unet.state_dict()
+    for key, value in unet_sd.items():
+        out["model.diffusion_model." + _ldm_unet_key(key, unet.config.layers_per_block, attention)] = value
+    vae_sd = vae.state_dict()
+    for key, value in vae_sd.items():
+        ldm = _ldm_vae_key(key, len(vae.config.up_block_types))
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out["first_stage_model." + ldm] = value
+    for key, value in text.state_dict().items():  # LDM keeps the CLIP text model's own "text_model." prefix
+        out["cond_stage_model.transformer." + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    back = convert_ldm_unet_checkpoint(out, dict(unet.config))
+    assert set(back) == set(unet_sd) and all(torch.equal(back[k], unet_sd[k]) for k in back), "unet keys"
+    back = convert_ldm_vae_checkpoint(out, dict(vae.config))
+    assert set(back) == set(vae_sd) and all(torch.equal(back[k], vae_sd[k]) for k in back), "vae keys"
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path

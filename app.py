@@ -30,6 +30,7 @@ import os
 import random
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -41,9 +42,9 @@ from fastgen.present import Board, Draft
 from fastgen.remote import RemoteEngine, RemoteFailure
 from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
-from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_PROMPT_CHARS, MAX_SEED, PUBLIC, REFINE_FIELDS, CompareRequest,
-                             LiveRequest, RefineRequest, RequestError, check_family, check_guidance, check_steps,
-                             live_steps, parse_size, shown)
+from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SEED, PUBLIC, REFINE_FIELDS,
+                             CompareRequest, LiveRequest, RefineRequest, RequestError, check_family, check_guidance,
+                             check_steps, custom_refusal, live_steps, parse_size, shown)
 
 log = logging.getLogger("fastgen.app")
 
@@ -69,6 +70,10 @@ TO_EDITOR = """(image) => {
     document.querySelector("#fg-tab-refine-button")?.click();
     return {background: image, layers: [], composite: image};
 }"""
+# The Your model tab's panels: "custom.<method>.<output>" with the visitor's LoRAs, "plain.<method>.<output>"
+# without them; one panel per method that takes style LoRAs (present.style_slots()).
+CUSTOM_PANEL_OUTPUTS = ("column", "title", "image", "status", "caption", "code")
+CUSTOM_ROWS = ("custom", "plain")
 # The Live tab's per-method panels ("live.<method>.<output>").
 LIVE_PANEL_OUTPUTS = ("column", "image", "caption")
 MAX_UPLOAD = "16mb"  # one upload: the largest allowed image (2048 x 2048 RGB) as PNG is about 12.6 MB at worst
@@ -275,6 +280,98 @@ class Runs:
         names = set(present.live_methods(family))
         return self.by_component({f"live.{m}.column": gr.Column(visible=m in names and m in (methods or []))
                                   for m in self.slots})
+
+    # -- your model -----------------------------------------------------------------------------------
+
+    def custom_request(self, family, model, prompt, seed, size, lora_values) -> CompareRequest:
+        """The Your model tab's inputs as a CompareRequest: `model` (a Hub id or folder; empty: `family`) and
+        the LoRA rows ((repo, weight file, scale) each; empty rows skipped), run on the methods that take style
+        LoRAs. Checked, and gated by the host's switch, as the API's `base` and `loras`. Raises RequestError."""
+        loras = []
+        for row in range(len(lora_values) // 3):
+            repo, weight_name, scale = lora_values[3 * row: 3 * row + 3]
+            repo, weight_name = (repo or "").strip(), (weight_name or "").strip()
+            if not repo and not weight_name:
+                continue
+            if not repo or not weight_name:
+                raise RequestError("loras", f"LoRA {row + 1}: give both its repo (a Hub id or folder) and the name "
+                                            "of its weight file")
+            loras.append({"repo": repo, "weight_name": weight_name, "scale": scale})
+        model = (model or "").strip()
+        if not model and not loras:
+            raise RequestError("base", "Type a model (a Hub id or folder), add a LoRA, or both.")
+        width, height = parse_size(size)
+        req = CompareRequest.parse(dict(prompt=prompt, seed=slider_int(seed), width=width, height=height,
+                                        base=model or None, loras=loras or None), family=check_family(family))
+        return replace(req, methods=tuple(present.style_methods(req.family)))
+
+    def validate_custom(self, family, model, prompt, seed, size, without, *lora_values) -> list:
+        fields = ["family", "base", "prompt", "seed", "size", "without"]
+        fields += [f for _ in range(len(lora_values) // 3) for f in ("loras", "lora_weight", "lora_scale")]
+        def check():
+            try:
+                self.custom_request(family, model, prompt, seed, size, lora_values)
+            except RequestError as error:
+                if error.field in ("width", "height"):
+                    raise RequestError("size", str(error)) from None
+                raise
+
+        return validated(check, fields)
+
+    def custom(self, request: gr.Request, family: str, model: str, prompt: str, seed: float, size: str,
+               without: bool, *lora_values) -> Iterator[dict]:
+        """Your model: the reference and the adapter methods (LCM-LoRA) of a custom checkpoint (or of the
+        family) with the visitor's style LoRAs, then, when `without`, the same panels with no LoRA."""
+        try:
+            req = self.custom_request(family, model, prompt, seed, size, lora_values)
+        except RequestError as error:
+            raise refused(error) from None
+        fam, methods = req.family, list(req.methods)
+        steps = {m: fam.method(m).steps for m in methods}
+        guidance = {m: fam.method(m).guidance for m in methods}
+        settings = present.RunSettings(req.prompt, "", req.seed, req.width, req.height)
+        rows = [("custom", Board.start(fam, methods, steps, guidance, settings=settings), req.loras)]
+        if req.loras and without is True:
+            rows.append(("plain", Board.start(fam, methods, steps, guidance, settings=settings), ()))
+        with_loras = " with your LoRAs" if req.loras else ""
+        out = {"custom_heading": gr.Markdown(f"**{fam.label}**{with_loras}", visible=True),
+               "plain_heading": gr.Markdown(f"**{fam.label}** without them", visible=len(rows) == 2)}
+        for name, board, loras in rows:
+            for method in present.style_slots():
+                on = method in methods
+                out[f"{name}.{method}.column"] = gr.Column(visible=on)
+                if on:
+                    suffix = " + LoRAs" if loras else ""
+                    out[f"{name}.{method}.title"] = f"### {fam.method(method).label}{suffix}"
+        for method in present.style_slots():
+            if len(rows) == 1:
+                out[f"plain.{method}.column"] = gr.Column(visible=False)
+        yield {**self.by_component(out), **{k: v for row in rows for k, v in self.custom_view(
+            row[1], list(row[1].panels), True, row[0]).items()}}
+
+        for index, (name, board, loras) in enumerate(rows):
+            last = index == len(rows) - 1
+
+            def job(on_step, stop, board=board, loras=loras):
+                return self.engine.iter_compare(fam, req.prompt, board.order, seed=req.seed, width=req.width,
+                                                height=req.height, loras=loras, on_step=on_step, stop=stop)
+
+            def view(b, changed, running, export=False, name=name, last=last):
+                return self.custom_view(b, changed, running or not last, name)
+
+            yield from self.follow(board, job, request, view)
+            if any(p.state == "stopped" for p in board.panels.values()):
+                if not last:
+                    yield self.custom_view(board, [], False, name)
+                return
+
+    def custom_view(self, board: Board, changed: list[str], running: bool, row: str) -> dict:
+        """The updates for one row of the Your model tab ("custom": with the LoRAs, "plain": without)."""
+        changed = [m for m in changed if m in present.style_slots()]
+        out = {"custom_button": gr.Button(interactive=not running), "custom_stop": gr.Button(interactive=running)}
+        out.update(self.panel_updates(board, changed, f"{row}.", lambda result: present.style_caption(board,
+                                                                                                      result.method)))
+        return self.by_component(out)
 
     # -- refine ---------------------------------------------------------------------------------------
 
@@ -769,6 +866,10 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
                         live_panels[method] = OutputPanelView("live", family, method,
                                                               method in present.live_default(family), details=False)
 
+            custom = None
+            if not remote:  # a serving backend runs the registered families only
+                custom = CustomTab(family, runs)
+
         # The API: `compare` with keyword arguments (see README). Hidden inputs give it typed parameters.
         with gr.Column(visible=False):
             # JSON inputs pass the caller's values through untouched (a Textbox would turn a list into its repr,
@@ -883,6 +984,20 @@ def create_demo(engine: Engine | None = None, family: str | None = None) -> gr.B
               show_progress="hidden", api_name="live_page", api_visibility="private")
         live_methods_box.input(runs.live_columns, inputs=[family_box, live_methods_box],
                                outputs=[live_panels[m].column for m in slots], queue=False, api_visibility="private")
+        # -- your model -------------------------------------------------------------------------------------
+        if custom is not None:
+            custom_named = {f"{row}.{m}.{o}": getattr(custom.panels[row][m], o)
+                            for row in CUSTOM_ROWS for m in present.style_slots() for o in CUSTOM_PANEL_OUTPUTS}
+            custom_named.update(custom_heading=custom.headings["custom"], plain_heading=custom.headings["plain"],
+                                custom_button=custom.button, custom_stop=custom.stop)
+            runs.bind({**runs.components, **custom_named})
+            custom_inputs = [family_box, custom.model, custom.prompt, custom.seed, custom.size, custom.without,
+                             *[c for row in custom.loras for c in row]]
+            gr.on([custom.button.click, custom.prompt.submit], gpu_task(runs.custom), inputs=custom_inputs,
+                  outputs=list(custom_named.values()), validator=runs.validate_custom, concurrency_id=GPU,
+                  concurrency_limit=gpu_jobs, show_progress="minimal", show_progress_on=custom.status,
+                  api_visibility="private")
+            custom.stop.click(runs.stop, queue=False, api_visibility="private")
         api_live, api_live_validate = live_api(engine, family)
         api_live_button.click(api_live, inputs=api_live_in, outputs=api_live_out, api_name="live",
                               validator=api_live_validate, concurrency_id=GPU, concurrency_limit=gpu_jobs)
@@ -938,6 +1053,69 @@ class PanelView:
         """The panel's components by name: what the family switch updates."""
         return dict(column=self.column, title=self.title, toggle=self.toggle, image=self.image, status=self.status,
                     caption=self.caption, steps=self.steps, guidance=self.guidance, note=self.note, code=self.code)
+
+
+class CustomTab:
+    """The Your model tab: a custom checkpoint and style LoRAs, its panels with the LoRAs and without them."""
+
+    def __init__(self, family: str, runs: Runs):
+        with gr.Tab("Your model", id="custom"):
+            gr.Markdown(custom_intro(), elem_classes="fg-note")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    self.model = gr.Textbox(label="Model", placeholder="a Hub id, e.g. someone/sdxl-finetune, or a "
+                                            "folder on this machine",
+                                            info="an SDXL or SD 1.5 checkpoint in diffusers layout (its architecture "
+                                                 "is read from it); empty: the family on the Compare tab",
+                                            elem_id="fg-custom-model")
+                    self.prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(family)[0],
+                                             max_length=MAX_PROMPT_CHARS, elem_id="fg-custom-prompt")
+                    with gr.Row(equal_height=True):
+                        self.seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=2)
+                        self.size = gr.Dropdown([("Native", present.NATIVE)] + [(f"{s}×{s}", f"{s}x{s}")
+                                                                               for s in (512, 768, 1024)],
+                                                value=present.NATIVE, label="Size", scale=2)
+                    with gr.Row(equal_height=True):
+                        self.without = gr.Checkbox(True, label="Also without the LoRAs", scale=3,
+                                                   info="the same panels with no LoRA, to see what the style does")
+                    with gr.Row():
+                        self.button = gr.Button("Run your model", variant="primary", scale=3)
+                        self.stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80)
+                    self.status = gr.Markdown(elem_classes="fg-note")
+                with gr.Column(scale=3):
+                    gr.Markdown("**Style LoRAs**: UNet LoRAs, applied to the reference and to LCM-LoRA alike, "
+                                "each at its scale", elem_classes="fg-note")
+                    self.loras = []
+                    for row in range(MAX_LORAS):
+                        with gr.Row(equal_height=True):
+                            self.loras.append((
+                                gr.Textbox(label=f"LoRA {row + 1}", placeholder="Hub id or folder", scale=3,
+                                           elem_classes="fg-lora-repo"),
+                                gr.Textbox(label="Weight file", placeholder="style.safetensors", scale=3,
+                                           elem_classes="fg-lora-file"),
+                                gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=2,
+                                          elem_classes="fg-lora-scale")))
+            self.headings, self.panels = {}, {}
+            for row in CUSTOM_ROWS:
+                self.headings[row] = gr.Markdown(visible=False)
+                self.panels[row] = {}
+                with gr.Row(elem_classes="fg-panels"):
+                    for method in present.style_slots():
+                        self.panels[row][method] = OutputPanelView(row, family, method, False,
+                                                                   details=True)
+
+
+def custom_intro() -> str:
+    """What the Your model tab does, and whether this server's host has turned it on."""
+    what = ("Your own SDXL or SD 1.5 checkpoint, and your style LoRAs, at 50 steps and with LCM-LoRA at 4 steps: "
+            "the same seed, with the style and without it.")
+    allowlist = [r.strip() for r in os.environ.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()]
+    if custom_refusal("any/hub-model") is None:
+        return f"{what} Any Hub id can be loaded here; folders only when the app runs on 127.0.0.1."
+    if allowlist:
+        return f"{what} This server loads only these: {', '.join(allowlist)}."
+    return (f"{what} **Off on this server**: its host turns custom models and LoRAs on with FASTGEN_ALLOW_CUSTOM=1 "
+            "(any Hub id) or FASTGEN_CUSTOM_ALLOW=a/b,c/d (those alone). The family's own methods work as before.")
 
 
 class OutputPanelView:

@@ -486,6 +486,35 @@ def refine_images(draft: Draft | None, board: Board | None, baseline, left: str 
 
 
 # ---------------------------------------------------------------------------------------------------
+# Your model: a custom checkpoint and style LoRAs on the methods that run the base model's own UNet.
+
+
+def style_methods(family) -> list[str]:
+    """The family's methods that take style LoRAs (the reference and the adapter methods), in layout order."""
+    fam = get_family(family)
+    return [m for m in fam.panel_order if fam.method(m).takes_styles]
+
+
+def style_slots() -> tuple[str, ...]:
+    """Every registered method that takes style LoRAs, once, in layout order: the Your model tab's panels."""
+    from fastgen.registry import FAMILIES
+
+    return tuple(m for m in panel_slots()
+                 if any(m in f.method_names and f.method(m).takes_styles for f in FAMILIES.values()))
+
+
+def style_caption(board: "Board", method: str) -> str:
+    """A Your model panel's caption: the comparison caption, then the LoRAs it ran with (each with its scale)."""
+    from fastgen.registry import StyleLora
+
+    text = board.caption(method)
+    result = board.panels[method].result
+    if result is not None and result.loras:
+        text += "\n\nLoRAs: " + ", ".join(html.escape(StyleLora(**lora).label) for lora in result.loras)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
 # Live: one frame per edit, from the fast methods.
 
 

@@ -279,3 +279,44 @@ def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, br
     page.locator(".fg-methods").get_by_label("DMD2", exact=True).uncheck()
     playwright.expect(page.locator(COMPARE_PANELS)).to_have_count(6, timeout=30_000)
     page.close()
+
+
+# --- Your model: a fine-tune with a style LoRA, on the fake Hub's sd15 family --------------------------------
+
+def test_your_model_with_a_style_lora_with_and_without_it(fake_hub, finetune, style, browser, tmp_path, monkeypatch):
+    """With FASTGEN_ALLOW_CUSTOM=1 on 127.0.0.1: type a model id, add a style LoRA, run; the reference and
+    LCM-LoRA panels fill with the style and without it, each naming what it ran with."""
+    from dataclasses import replace
+
+    monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+    sd15 = registry.FAMILIES["sd15"]  # the tiny fake models at 64 px: at SD 1.5's own 512, 50 steps take ~90 s
+    monkeypatch.setitem(registry.FAMILIES, "sd15", replace(sd15, methods=tuple(replace(m, native_size=64)
+                                                                                for m in sd15.methods)))
+    demo = app.create_demo(Engine(), family="sd15")
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url)
+        page.get_by_role("tab", name="Your model").click()
+        playwright.expect(page.get_by_text("Any Hub id can be loaded here")).to_be_visible(timeout=30_000)
+        page.locator("#fg-custom-model textarea, #fg-custom-model input").first.fill(finetune)
+        page.get_by_label("LoRA 1", exact=True).fill(str(style))
+        page.locator(".fg-lora-file textarea, .fg-lora-file input").first.fill("style.safetensors")
+        page.locator(".fg-lora-scale input[type=number]").first.fill("0.8")
+        page.get_by_role("button", name="Run your model").click()
+        styled = page.locator(".fg-custom-panel").filter(has=page.get_by_role("heading", name="Baseline + LoRAs"))
+        plain = page.locator(".fg-plain-panel").filter(has=page.get_by_role("heading", name="Baseline", exact=True))
+        playwright.expect(styled.locator(".block.fg-caption")).to_contain_text("style.safetensors @ 0.8",
+                                                                               timeout=180_000)
+        playwright.expect(plain.locator(".block.fg-caption")).to_contain_text("reference", timeout=180_000)
+        fast = page.locator(".fg-custom-panel").filter(has=page.get_by_role("heading", name="LCM-LoRA + LoRAs"))
+        playwright.expect(fast.locator(".block.fg-caption")).to_contain_text("faster")
+        playwright.expect(page.get_by_text(f"{finetune} (Stable Diffusion 1.5) without them")).to_be_visible()
+        images = [p.locator(".fg-image img").get_attribute("src") for p in (styled, plain)]
+        assert all(images) and images[0] != images[1]
+        playwright.expect(page.get_by_role("button", name="Run your model")).to_be_enabled()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots("screenshot-custom.png", tmp_path)), full_page=True)
+    finally:
+        page.close()
+        demo.close()

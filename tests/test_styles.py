@@ -17,15 +17,6 @@ from tests.test_engine import PROMPT, SIZE, assert_same_image, recipe_pipeline
 STEPS = {"baseline": 3, "lcm-lora": 4}
 
 
-@pytest.fixture(scope="module")
-def style(tmp_path_factory):
-    """A local folder holding one UNet-only LoRA for SD 1.5 in the peft key format, and one in kohya's."""
-    folder = tmp_path_factory.mktemp("style-lora")
-    write_peft_lora(folder / "style.safetensors", _unet("sd", 0, 32), seed=91, rank=4)
-    write_lora(folder / "kohya.safetensors", _unet("sd", 0, 32), seed=92)
-    return folder
-
-
 def by_hand(method: str, lora: StyleLora, steps: int, guidance: float, seed: int = 5):
     pipe = recipe_pipeline("sd15", method)  # a fresh pipeline: the LCM-LoRA recipe loads its adapter as "lcm"
     pipe.load_lora_weights(lora.repo, weight_name=lora.weight_name, adapter_name="style")
@@ -115,25 +106,6 @@ def test_the_cli_takes_repeatable_loras():
 
 # --- your model and your LoRAs through the API: the host's switch, the allowlist, a fine-tune --------------------
 
-@pytest.fixture(scope="module")
-def finetune(fake_hub, tmp_path_factory):
-    """A "fine-tune": the sd15 base repo with other UNet weights, published on the fake Hub under another id."""
-    import shutil
-
-    from tests.fakehub import SD15_BASE, publish
-
-    snapshot = next((fake_hub / f"models--{SD15_BASE.replace('/', '--')}" / "snapshots").iterdir())
-    work = tmp_path_factory.mktemp("finetune") / "repo"
-    shutil.copytree(snapshot, work, symlinks=False)
-    unet = _unet("sd", 41, 32)
-    for old in (work / "unet").glob("diffusion_pytorch_model*"):
-        old.unlink()
-    unet.save_pretrained(work / "unet", variant="fp16")
-    unet.save_pretrained(work / "unet")
-    publish(fake_hub, "someone/sd15-finetune", work)
-    return "someone/sd15-finetune"
-
-
 def api(engine):
     import app
 
@@ -203,3 +175,131 @@ def test_a_relative_folder_is_a_folder_for_the_gate_and_the_loras(tmp_path, monk
     assert request.custom_refusal("someone/my-model") is None
     assert StyleLora("./my-model", "s.safetensors").repo == str(tmp_path / "my-model")
     assert StyleLora("someone/style", "s.safetensors").repo == "someone/style"
+
+
+# --- your model on the page: the Your model tab's handler ---------------------------------------------------
+
+def custom_run(runs, family, model, loras=(), without=True, seed=5, size="64x64") -> dict:
+    """Every update of one Your model run, the last value of each output kept (by output name)."""
+    rows = [value for lora in loras for value in (lora.repo, lora.weight_name, lora.scale)]
+    rows += ["", "", 1.0] * (4 - len(loras))
+    final = {}
+    for update in runs.custom(None, family, model, PROMPT, seed, size, without, *rows):
+        final.update(update)
+    return final
+
+
+def test_the_page_shows_your_model_with_and_without_the_style(fake_hub, finetune, style, monkeypatch):
+    import app
+    from fastgen import request
+
+    monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+    monkeypatch.setitem(request.PUBLIC, "bind", False)
+    engine = Engine(device="cpu")
+    lora = StyleLora(str(style), "style.safetensors", 0.8)
+    final = custom_run(app.Runs(engine), "sd15", finetune, [lora])
+    family = request.custom_base(finetune)
+    for method in ("lcm-lora", "baseline"):
+        styled = engine.run(family, method, PROMPT, seed=5, loras=[lora], **SIZE)
+        plain = engine.run(family, method, PROMPT, seed=5, **SIZE)
+        assert_same_image(final[f"custom.{method}.image"], styled.image, tolerance=0)
+        assert_same_image(final[f"plain.{method}.image"], plain.image, tolerance=0)
+        assert list(styled.image.getdata()) != list(plain.image.getdata())  # the style shows
+        assert "style.safetensors @ 0.8" in final[f"custom.{method}.caption"]
+        assert "LoRAs" not in final[f"plain.{method}.caption"]
+        assert "set_adapters(" in final[f"custom.{method}.code"] and finetune in final[f"custom.{method}.code"]
+    assert "faster" in final["custom.lcm-lora.caption"] and "reference" in final["custom.baseline.caption"]
+    assert final["custom.lcm-lora.title"] == "### LCM-LoRA + LoRAs"
+    assert final["custom_button"].interactive is True and final["custom_stop"].interactive is False
+
+
+def test_the_page_refuses_your_model_unless_the_host_allows_it(fake_hub, finetune, style, monkeypatch):
+    import gradio as gr
+
+    import app
+    from fastgen import request
+
+    monkeypatch.setitem(request.PUBLIC, "bind", True)
+    runs = app.Runs(Engine(device="cpu"))
+    with pytest.raises(gr.Error, match="off on this server"):
+        custom_run(runs, "sd15", finetune)
+    assert "Off on this server" in app.custom_intro()
+    monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+    with pytest.raises(gr.Error, match="local folders are not offered"):  # a public bind: no folders
+        custom_run(runs, "sd15", "", [StyleLora(str(style), "style.safetensors")])
+    verdicts = runs.validate_custom("sd15", "", PROMPT, 0, "native", True, "someone/style", "", 1.0,
+                                    *["", "", 1.0] * 3)
+    assert [v["is_valid"] for v in verdicts][:7] == [True] * 6 + [False]  # the first LoRA's repo box says why
+    assert "weight file" in verdicts[6]["message"]
+    nothing = runs.validate_custom("sd15", " ", PROMPT, 0, "native", True, *["", "", 1.0] * 4)
+    assert not nothing[1]["is_valid"] and "Type a model" in nothing[1]["message"]
+
+
+# --- single-file checkpoints, and the host's cap on what a visitor's model may download ----------------------
+
+@pytest.fixture(scope="module")
+def single_file(fake_hub, finetune, tmp_path_factory):
+    """The fine-tune as one LDM-layout .safetensors: a local file, and published as someone/single-file."""
+    from fastgen import hub
+    from tests.fakehub import publish, write_single_file
+
+    work = tmp_path_factory.mktemp("single-file")
+    path = write_single_file(hub.local_folder(finetune), work / "my-finetune.safetensors")
+    publish(fake_hub, "someone/single-file", work)
+    return path
+
+
+def test_a_single_file_checkpoint_runs_as_the_model_it_holds(fake_hub, finetune, single_file, monkeypatch):
+    from fastgen import request
+
+    family = request.custom_base(str(single_file))
+    assert family.label == "my-finetune.safetensors (Stable Diffusion 1.5)"
+    assert family.name == f"sd15:{single_file}" and family.method_names == ("lcm-lora", "baseline")
+    engine = Engine(device="cpu")
+    result = engine.run(family, "baseline", PROMPT, seed=5, steps=3, **SIZE)
+    same = engine.run(request.custom_base(finetune), "baseline", PROMPT, seed=5, steps=3, **SIZE)
+    assert_same_image(result.image, same.image)  # the same weights, whichever way they were shared
+    assert request.custom_base(str(single_file)).method("baseline").repo == family.method("baseline").repo  # once
+    from fastgen.__main__ import _family, parser
+
+    args = parser().parse_args(["compare", "a red circle", "--base", str(single_file)])
+    assert _family(args).label == family.label  # the CLI reads the architecture from the file too
+    hub_id = "someone/single-file/my-finetune.safetensors"  # the same file on the Hub: allowed with its repo
+    monkeypatch.setenv("FASTGEN_CUSTOM_ALLOW", "someone/single-file")
+    assert request.custom_refusal(hub_id) is None and request.custom_refusal("someone/other/x.safetensors")
+    assert request.custom_base(hub_id).method("baseline").repo != family.method("baseline").repo  # its own file
+
+
+def test_single_files_that_are_not_checkpoints_are_refused_with_the_reason(fake_hub, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastgen import request
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    for name, message in (("model.ckpt", "pickled checkpoint"), ("missing.safetensors", "no checkpoint file"),
+                          ("other.safetensors", "not an SDXL or SD 1.5 checkpoint"),
+                          ("broken.safetensors", "not a readable .safetensors")):
+        with pytest.raises(RequestError, match=message) as caught:
+            request.custom_base(str(tmp_path / name))
+        assert caught.value.field == "base"
+
+
+def test_a_visitors_model_over_the_hosts_cap_is_refused_before_the_first_byte(finetune, single_file, online, server,
+                                                                             monkeypatch):
+    from fastgen import request
+
+    monkeypatch.setenv("FASTGEN_CUSTOM_MAX_GB", "0.0001")  # 100 kB: less than any of these
+    family = request.custom_base(finetune)  # its model_index.json only
+    engine = Engine(device="cpu")
+    failure = engine.compare(family, PROMPT, ["baseline"], steps={"baseline": 2}, **SIZE).failures[0]
+    assert "over this server's cap of 100.0 kB" in failure.message and "FASTGEN_CUSTOM_MAX_GB" in failure.message
+    with pytest.raises(RequestError, match="over this server's cap"):
+        request.custom_base("someone/single-file/my-finetune.safetensors")
+    lora = StyleLora("someone/single-file", "my-finetune.safetensors")  # any file over the cap: refused alike
+    failure = engine.compare("sd15", PROMPT, ["baseline"], steps={"baseline": 2}, loras=[lora], **SIZE).failures[0]
+    assert "over this server's cap" in failure.message
+    visitors = sum(p.stat().st_size for p in online.glob("models--someone--*/blobs/*"))
+    assert visitors < 2_000  # of the visitor's repos, only the model_index.json was fetched
+    monkeypatch.setenv("FASTGEN_CUSTOM_MAX_GB", "1")
+    assert engine.run(family, "baseline", PROMPT, steps=2, **SIZE).image.size == (64, 64)

@@ -12,7 +12,10 @@ client the page uses.
     GET  /health    the family, the deployment groups and the replicas' state
 
 Panels of one comparison run in parallel, each on its group's deployment, so a comparison takes about as long
-as its slowest panel. A bad request gets status 400 and the request schema's message and field, as the page's
+as its slowest panel. Style LoRAs (`loras`) run on the groups' own deployments. Visitors' base models (`base`)
+run on one more deployment, `custom-models`, deployed when the host allows custom models
+(FASTGEN_ALLOW_CUSTOM=1 or FASTGEN_CUSTOM_ALLOW): Serve's model multiplexing routes each base model to a
+replica that holds it, and each replica keeps the CUSTOM_MODELS_PER_REPLICA it used last. A bad request gets status 400 and the request schema's message and field, as the page's
 API does. A replica that dies mid-request fails its panel (kind "replica-died"); the other panels complete, and
 Serve starts a new replica.
 """
@@ -30,6 +33,41 @@ import time
 from fastgen.registry import FAMILIES, Family, MethodSpec, get_family
 
 logger = logging.getLogger(__name__)
+
+CUSTOM_MODELS_PER_REPLICA = 2  # visitors' base models a replica keeps (an SDXL fine-tune is ~7 GB in fp16)
+CUSTOM = "custom-models"  # the deployment group that serves them
+HOST_SETTINGS = ("FASTGEN_ALLOW_CUSTOM", "FASTGEN_CUSTOM_ALLOW", "FASTGEN_CUSTOM_MAX_GB")
+
+
+def host_settings(public: bool) -> dict:
+    """The host's custom-model settings as the driver has them, for the replicas (which may run elsewhere)."""
+    return {"env": {k: os.environ[k] for k in HOST_SETTINGS if k in os.environ}, "public": public}
+
+
+def apply_host_settings(settings: dict | None) -> None:
+    if settings is None:
+        return
+    from fastgen import request
+
+    for key in HOST_SETTINGS:
+        os.environ.pop(key, None)
+    os.environ.update(settings["env"])
+    request.PUBLIC["bind"] = settings["public"]
+
+
+def custom_allowed(settings: dict) -> bool:
+    env = settings["env"]
+    return env.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes") or bool(
+        env.get("FASTGEN_CUSTOM_ALLOW", "").strip())
+
+
+try:  # Ray is an optional dependency (requirements-serve.txt): the rest of this module reads without it
+    from ray import serve as _serve
+
+    _multiplexed = _serve.multiplexed(max_num_models_per_replica=CUSTOM_MODELS_PER_REPLICA)
+except ImportError:
+    def _multiplexed(load):
+        return load
 
 
 # --- which methods share a deployment ----------------------------------------------------------------------
@@ -94,11 +132,13 @@ def outcome_line(outcome) -> dict:
 class Methods:
     """One deployment: an Engine (with its shared cache) for a group of methods of one family."""
 
-    def __init__(self, family: str, methods: list[str], device: str | None = None, threads: int | None = None):
+    def __init__(self, family: str, methods: list[str], device: str | None = None, threads: int | None = None,
+                 settings: dict | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
+        apply_host_settings(settings)  # the size cap on visitors' LoRA downloads is the host's
         from fastgen.engine import Engine
 
         self.family, self.methods = get_family(family), list(methods)
@@ -129,11 +169,54 @@ class Methods:
         return {"methods": self.methods, "device": self.engine.device, "cache": self.engine.cache.report()}
 
 
+class CustomModel:
+    """A visitor's base model held by a custom-models replica: its family and an Engine of its own."""
+
+    def __init__(self, base: str, device: str | None):
+        from fastgen.engine import Engine
+        from fastgen.request import custom_base
+
+        self.base, self.family, self.engine = base, custom_base(base), Engine(device=device)
+
+
+class CustomModels:
+    """The deployment for visitors' base models (the `base` field): each request is routed by its model id (the
+    base's Hub id or folder) to a replica that holds that model, and a replica keeps the last
+    CUSTOM_MODELS_PER_REPLICA it used (Serve drops the least recently used)."""
+
+    def __init__(self, device: str | None = None, threads: int | None = None, settings: dict | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        apply_host_settings(settings)  # the size cap on downloads is the host's
+        self.device = device
+        self.held: list[str] = []  # model ids loaded by this replica, oldest first (for health)
+
+    @_multiplexed
+    async def model(self, base: str) -> CustomModel:
+        held = CustomModel(base, self.device)
+        self.held = [b for b in self.held if b != base][-(CUSTOM_MODELS_PER_REPLICA - 1):] + [base]
+        return held
+
+    async def run(self, request: dict) -> dict:
+        from ray import serve
+
+        held = await self.model(serve.get_multiplexed_model_id())
+        start, method = time.time(), request.pop("method")
+        outcome = next(held.engine.iter_compare(held.family, request.pop("prompt"), [method], **request))
+        return Methods.served(outcome, start)
+
+    def health(self) -> dict:
+        return {"methods": [], "models": self.held, "per_replica": CUSTOM_MODELS_PER_REPLICA, "device": self.device}
+
+
 class Ingress:
     """The HTTP front: checks each request with the page's schema, then runs its panels in parallel on their
     groups' deployments and streams each as it finishes."""
 
-    def __init__(self, family: str, members: dict[str, list[str]], handles: dict):
+    def __init__(self, family: str, members: dict[str, list[str]], handles: dict, settings: dict | None = None):
+        apply_host_settings(settings)  # who may load a custom model or LoRA: the host's switch, as on the page
         self.family = get_family(family)
         self.members = members
         self.handles = handles  # group name -> DeploymentHandle
@@ -174,14 +257,17 @@ class Ingress:
                 raise RequestError("method", f"`method` must name one of {self.family.method_names}")
             fields["methods"] = [method]
         req = CompareRequest.parse(fields, family=self.family)
-        if req.loras or req.family.name not in FAMILIES:
-            name = "loras" if req.loras else "base"
-            raise RequestError(name, "custom models and style LoRAs are not served by the Ray Serve app yet")
-        self.served(req.methods)
-        order = run_order(self.family.name, req.methods, {m: req.steps.get(m, self.family.method(m).steps)
-                                                           for m in req.methods},
-                          {m: req.guidance.get(m, self.family.method(m).guidance) for m in req.methods})
-        return self.jobs("run", req, order)
+        fam = req.family
+        if fam.name in FAMILIES:
+            self.served(req.methods)
+            model = None
+        elif CUSTOM not in self.handles:  # only reachable when the host's switch and the deployments disagree
+            raise RequestError("base", "custom models are not served here: the app was deployed without them")
+        else:
+            model = fields["base"].strip()
+        order = run_order(fam, req.methods, {m: req.steps.get(m, fam.method(m).steps) for m in req.methods},
+                          {m: req.guidance.get(m, fam.method(m).guidance) for m in req.methods})
+        return self.jobs("run", req, order, model=model)
 
     def refine_jobs(self, body: dict) -> list[tuple]:
         from fastgen.engine import Engine
@@ -198,14 +284,15 @@ class Ingress:
         return self.jobs("refine", req, req.methods, extra)
 
     @staticmethod
-    def jobs(call: str, req, order, extra: dict | None = None) -> list[tuple]:
-        """(method, deployment call, payload) per method in `order`: the request's engine arguments narrowed to
-        that method's own steps and guidance."""
+    def jobs(call: str, req, order, extra: dict | None = None, model: str | None = None) -> list[tuple]:
+        """(method, deployment call, payload, route) per method in `order`: the request's engine arguments narrowed
+        to that method's own steps and guidance. route: (its label, the visitor's base model or None)."""
         kwargs = req.engine_kwargs()
         steps, guidance = kwargs.pop("steps") or {}, kwargs.pop("guidance") or {}
         return [(m, call, {**kwargs, **(extra or {}), "method": m, "prompt": req.prompt,
                            "steps": {m: steps[m]} if m in steps else None,
-                           "guidance": {m: guidance[m]} if m in guidance else None}) for m in order]
+                           "guidance": {m: guidance[m]} if m in guidance else None},
+                 (req.family.method(m).label, model)) for m in order]
 
     def served(self, methods) -> None:
         from fastgen.request import RequestError
@@ -215,16 +302,21 @@ class Ingress:
             raise RequestError("methods", f"`methods` must be chosen from the served ones {list(self.group_of)}, "
                                           f"got {missing}")
 
-    async def finish(self, method: str, call: str, payload: dict) -> dict:
-        """One panel on its group's deployment; a replica that dies on the way fails this panel only."""
-        handle = self.handles[self.group_of[method]]
+    async def finish(self, method: str, call: str, payload: dict, route: tuple) -> dict:
+        """One panel on its group's deployment (a visitor's base model: on the replica that holds it); a replica
+        that dies on the way fails this panel only."""
+        label, model = route
+        if model is None:
+            handle = self.handles[self.group_of[method]]
+        else:
+            handle = self.handles[CUSTOM].options(multiplexed_model_id=model)
         try:
             return await getattr(handle, call).remote(payload)
         except Exception as error:  # RayActorError and kin: the replica is gone; Serve replaces it
-            logger.warning("%s/%s: its replica failed (%s)", self.family.name, method, type(error).__name__)
-            return {"method": method, "label": self.family.method(method).label, "kind": "replica-died",
-                    "message": f"{self.family.method(method).label}: its server process stopped during the run "
-                               f"({type(error).__name__}); try again", "failed": True}
+            logger.warning("%s/%s: its replica failed (%s)", model or self.family.name, method, type(error).__name__)
+            return {"method": method, "label": label, "kind": "replica-died",
+                    "message": f"{label}: its server process stopped during the run ({type(error).__name__}); "
+                               "try again", "failed": True}
 
     async def stream(self, jobs: list[tuple]):
         tasks = [asyncio.ensure_future(self.finish(*job)) for job in jobs]
@@ -238,34 +330,39 @@ class Ingress:
                 replicas[group] = await handle.health.remote()
             except Exception as error:
                 replicas[group] = {"error": type(error).__name__}
+        groups = {**self.members, **({CUSTOM: []} if CUSTOM in self.handles else {})}
         return {"ok": all("error" not in r for r in replicas.values()), "family": self.family.name,
-                "groups": self.members, "replicas": replicas}
+                "groups": groups, "replicas": replicas}
 
 
 # --- building and running the application --------------------------------------------------------------------
 
 def build(family: str | Family, methods: list[str] | None = None, replicas: int = 1,
           gpus_per_replica: float | None = None, cpus_per_replica: float | None = None, threads: int | None = None,
-          max_replicas: int | None = None):
+          max_replicas: int | None = None, public: bool = True):
     """The Serve application: one `Methods` deployment per group (`replicas` each, or autoscaling between
     `replicas` and `max_replicas`), and the ingress. gpus_per_replica None: 1 when the cluster has GPUs, else 0
     (CPU); fractions share a GPU between replicas. cpus_per_replica None: 1 with GPUs; on CPUs alone, the
     cluster's CPUs shared out so that every replica is scheduled (2 CPUs, 3 groups: 0.66 each), and as many
-    torch threads per replica as it has whole CPUs (at least 1), so replicas do not oversubscribe the cores."""
+    torch threads per replica as it has whole CPUs (at least 1), so replicas do not oversubscribe the cores.
+    When the host allows custom models (FASTGEN_ALLOW_CUSTOM, FASTGEN_CUSTOM_ALLOW, read here), a custom-models
+    deployment joins them; `public`: the app answers beyond this machine (no local folders then)."""
     import ray
     from ray import serve
 
     family = get_family(family)
     members = groups(family, methods)
+    settings = host_settings(public)
+    deployed = len(members) + custom_allowed(settings)
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     device = "cuda" if gpus_per_replica > 0 else "cpu"
     if cpus_per_replica is None:
         cpus = resources.get("CPU", 1.0)
-        cpus_per_replica = 1.0 if device == "cuda" else min(1.0, int(100 * cpus / (len(members) * replicas)) / 100)
+        cpus_per_replica = 1.0 if device == "cuda" else min(1.0, int(100 * cpus / (deployed * replicas)) / 100)
     if threads is None and device == "cpu":
-        threads = max(1, int(resources.get("CPU", 1.0) // (len(members) * replicas)))
+        threads = max(1, int(resources.get("CPU", 1.0) // (deployed * replicas)))
     scaling = ({"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas}}
                if max_replicas and max_replicas > replicas else {"num_replicas": replicas})
     handles = {}
@@ -273,9 +370,14 @@ def build(family: str | Family, methods: list[str] | None = None, replicas: int 
         deployment = serve.deployment(Methods).options(
             name=f"methods-{name}", ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
             max_ongoing_requests=4, **scaling)
-        handles[name] = deployment.bind(family.name, names, device, threads)
+        handles[name] = deployment.bind(family.name, names, device, threads, settings)
+    if custom_allowed(settings):
+        deployment = serve.deployment(CustomModels).options(
+            name=CUSTOM, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+            max_ongoing_requests=4, **scaling)
+        handles[CUSTOM] = deployment.bind(device, threads, settings)
     ingress = serve.deployment(Ingress).options(name="ingress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(family.name, members, handles)
+    return ingress.bind(family.name, members, handles, settings)
 
 
 def main(args) -> int:
@@ -289,7 +391,8 @@ def main(args) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build(args.family or "mini", args.methods.split(",") if args.methods else None, args.replicas,
-                args.gpus_per_replica, args.cpus_per_replica, max_replicas=args.max_replicas)
+                args.gpus_per_replica, args.cpus_per_replica, max_replicas=args.max_replicas,
+                public=args.host not in ("127.0.0.1", "localhost", "::1"))
     serve.run(app, name="fastgen", route_prefix="/")
     print(f"serving {args.family or 'mini'} on http://{args.host}:{args.port} (groups: "
           f"{', '.join(groups(args.family or 'mini', args.methods.split(',') if args.methods else None))})",

@@ -41,8 +41,12 @@ def served():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # cpus_per_replica 0: three deployments on two CPUs; one torch thread each keeps them from thrashing
-    serve.run(build("mini", cpus_per_replica=0, threads=1), name="fastgen", route_prefix="/")
+    # cpus_per_replica 0: four deployments on two CPUs; one torch thread each keeps them from thrashing. The host
+    # allows custom models (read when the app is built), so the custom-models deployment is there too.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+        app = build("mini", cpus_per_replica=0, threads=1, public=False)
+    serve.run(app, name="fastgen", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -185,4 +189,57 @@ def test_the_page_runs_on_the_backend(served):
     frame = runs.live("mini", PROMPT, 0, False, ["turbo"], False, None, 0.7)
     assert "ms** per frame" in frame["live.turbo.caption"]
     health = engine.health()
-    assert health["ok"] and health["family"] == "mini" and set(health["groups"]) == set(groups("mini"))
+    assert health["ok"] and health["family"] == "mini"
+    assert set(health["groups"]) == {*groups("mini"), "custom-models"}
+
+
+def test_visitors_base_models_run_on_the_multiplexed_deployment(served, one_thread, tmp_path):
+    """`base`: the model runs on the custom-models deployment, equal to the in-process engine; asked again it is
+    already held (no load); a replica keeps the last two models it used."""
+    import shutil
+
+    import httpx
+
+    from fastgen.engine import Engine
+    from fastgen.request import custom_base
+    from fastgen.serve import CUSTOM_MODELS_PER_REPLICA
+
+    models = []
+    for i in range(CUSTOM_MODELS_PER_REPLICA + 1):  # "fine-tunes": copies of the mini base, each its own model
+        shutil.copytree(MINI_WEIGHTS / "base", tmp_path / f"finetune-{i}")
+        models.append(str(tmp_path / f"finetune-{i}"))
+    body = {"prompt": PROMPT, "seed": 3, "methods": ["baseline"], "steps": {"baseline": 4}, "width": 64, "height": 64}
+    status, lines = post(served, "/compare", {**body, "base": models[0]})
+    assert status == 200 and len(lines) == 1, lines
+    first = lines[0][1]
+    own = Engine(device="cpu").run(custom_base(models[0]), "baseline", PROMPT, seed=3, steps=4, width=64, height=64)
+    assert np.array_equal(np.asarray(from_png64(first["image"]).convert("RGB")), np.asarray(own.image))
+    assert first["code"] == own.code and first["load_seconds"] > 0
+    _, again = post(served, "/compare", {**body, "base": models[0]})
+    assert again[0][1]["load_seconds"] < 0.05 and again[0][1]["served"]["pid"] == first["served"]["pid"]
+    for model in models[1:]:
+        status, lines = post(served, "/compare", {**body, "base": model})
+        assert status == 200 and "image" in lines[0][1], lines
+    health = httpx.get(served + "/health", timeout=60).json()
+    assert health["replicas"]["custom-models"]["models"] == models[1:]  # the least recently used one went
+    status, lines = post(served, "/compare", {**body, "base": str(tmp_path / "no-such-model")})
+    assert status == 400 and lines[0][1]["field"] == "base"
+
+
+def test_style_loras_run_on_the_groups_own_deployments(served, one_thread, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from fastgen.engine import Engine
+    from fastgen.registry import StyleLora
+    from tests.fakehub import write_peft_lora
+
+    write_peft_lora(tmp_path / "style.safetensors", UNet2DConditionModel.from_pretrained(MINI_WEIGHTS / "base" / "unet"),
+                    seed=5, rank=4)
+    lora = {"repo": str(tmp_path), "weight_name": "style.safetensors", "scale": 0.8}
+    status, lines = post(served, "/compare", {"prompt": PROMPT, "seed": 4, "methods": ["lcm-lora", "turbo"],
+                                              "loras": [lora]})
+    assert status == 200, lines
+    by_method = {line["method"]: line for _, line in lines}
+    assert by_method["lcm-lora"]["loras"] == [lora] and "loras" not in by_method["turbo"]
+    own = Engine(device="cpu").run("mini", "lcm-lora", PROMPT, seed=4, loras=[StyleLora(**lora)])
+    assert np.array_equal(np.asarray(from_png64(by_method["lcm-lora"]["image"]).convert("RGB")), np.asarray(own.image))

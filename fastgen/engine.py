@@ -12,6 +12,7 @@ its `code` shows. Runs are serialised: one job uses the accelerator at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -157,9 +158,9 @@ class Engine:
         return str(self.dtype).removeprefix("torch.")
 
     # 1. Resolve the files --------------------------------------------------------------------------------
-    def _folders(self, spec: MethodSpec, family: Family) -> dict[str, Path]:
+    def _folders(self, spec: MethodSpec, family: Family, lister=None) -> dict[str, Path]:
         """repo -> the folder holding its files, downloading what is missing unless offline."""
-        missing = hub.missing_files(spec)
+        missing = hub.missing_files(spec, lister)
         if missing and not fetch.hub_problem() and not any(hub.is_local(r) for r in missing):
             try:
                 plan = fetch.plan([spec], fetch.HubListing())
@@ -171,7 +172,9 @@ class Engine:
             except Exception as error:  # no network, Hub down, gated repo: all mean "not here, fetch them"
                 logger.warning("downloading %s failed: %s", ", ".join(missing), error)
                 raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None) from error
-            missing = hub.missing_files(spec)
+            if lister is not None:  # the download changed what the folders hold
+                lister.cache_clear()
+            missing = hub.missing_files(spec, lister)
         if missing:
             raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None)
         return {repo: hub.local_folder(repo) for repo in spec.repos}
@@ -184,7 +187,8 @@ class Engine:
         same modules (a refine recipe's img2img or inpaint pipeline)."""
         import diffusers
 
-        folders = self._folders(spec, family)
+        listed = functools.lru_cache(maxsize=None)(hub.list_files)  # this run's listings: each folder once
+        folders = self._folders(spec, family, listed)
         folder = folders[spec.repo]
         model_index = hub.read_json(folder / "model_index.json")
         classes = hub.components(model_index)
@@ -194,7 +198,7 @@ class Engine:
             if name in ("scheduler", "lora"):
                 continue
             where = folders[source.repo]
-            files = hub.select_files(hub.list_files(where), source)
+            files = hub.select_files(listed(where), source)
             if name in classes:
                 cls = component_class(*classes[name])
             else:  # a UNet from another repo: its config names its class

@@ -137,11 +137,15 @@ def local_folder(repo: str) -> Path | None:
 
 
 def list_files(folder: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(folder)).replace(os.sep, "/")
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Every file under `folder` ("unet/config.json"), hidden ones and hidden folders left out. Read on every run
+    (a file may have appeared), so with os.walk: pathlib's rglob took most of a warm mini run's overhead."""
+    root, names = str(folder), []
+    for where, folders, files in os.walk(root, followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        prefix = os.path.relpath(where, root).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        names += [prefix + f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(where, f))]
+    return sorted(names)
 
 
 def read_json(path: Path) -> dict:
@@ -162,8 +166,10 @@ def method_sources(spec, model_index: dict | None) -> dict[str, Source]:
     return sources
 
 
-def missing_files(spec) -> list[str]:
-    """Repos (of one method) whose needed files are not on disk; empty when the method can load offline."""
+def missing_files(spec, lister=None) -> list[str]:
+    """Repos (of one method) whose needed files are not on disk; empty when the method can load offline.
+    `lister`: list_files, or a caller's memo of it (one run lists each folder once)."""
+    list_files_ = lister or list_files
     folder = local_folder(spec.repo)
     if folder is None or not (folder / "model_index.json").is_file():
         return list(dict.fromkeys(r for r in spec.repos if r == spec.repo or local_folder(r) is None))
@@ -172,7 +178,7 @@ def missing_files(spec) -> list[str]:
     missing = []
     for name, source in method_sources(spec, model_index).items():
         where = local_folder(source.repo)
-        files = select_files(list_files(where), source) if where else []
+        files = select_files(list_files_(where), source) if where else []
         class_name = classes.get(name, ("", "UNet2DConditionModel" if name == "unet" else "lora"))[1]
         # a synthetic repo's components are built from their configs (fastgen.synthetic): no weight files
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in files) or synthetic.is_synthetic(where)
@@ -187,7 +193,7 @@ def missing_repos(methods) -> list[str]:
 
 # --- content keys -----------------------------------------------------------------------------------------
 
-_file_hashes: dict[tuple[str, int, float], str] = {}
+_file_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime in ns) -> digest
 
 
 def file_digest(path: Path) -> str:
@@ -195,15 +201,19 @@ def file_digest(path: Path) -> str:
     weights are never re-read; JSON configs hash without the keys that only record provenance."""
     path = Path(path)
     if path.suffix == ".json":
-        config = read_json(path)
-        if isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        stat = path.stat()
+        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        if memo not in _file_hashes:
+            config = read_json(path)
+            if isinstance(config, dict):
+                config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+            _file_hashes[memo] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        return _file_hashes[memo]
     target = path.resolve()
     if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name
     stat = target.stat()
-    memo = (str(target), stat.st_size, stat.st_mtime)
+    memo = (str(target), stat.st_size, stat.st_mtime_ns)
     if memo not in _file_hashes:
         digest = hashlib.sha256()
         with open(target, "rb") as f:

@@ -35,13 +35,31 @@ def scores(engine):
         if (method, steps) not in cache:
             result = {}
             for split, scenes in evaluation_scenes(PROMPTS).items():
-                images = [np.asarray(engine.run("mini", method, s.prompt, seed=i, steps=steps).image)
-                          for i, s in enumerate(scenes)]
+                images = batch(engine, method, steps, [s.prompt for s in scenes])
                 result[split] = score_images(images, scenes)
             cache[method, steps] = result
         return cache[method, steps]
 
     return score
+
+
+def batch(engine, method: str, steps: int, prompts: list[str]) -> list[np.ndarray]:
+    """The engine's images for prompts[i] at seed i, drawn in one batched call of the engine's own pipeline (its
+    modules, scheduler and adapters; several times faster than one call each on a CPU). Checked against
+    engine.run on the first prompt, so the scores stay the engine's."""
+    from fastgen.engine import call_kwargs
+
+    family = get_family("mini")
+    spec = family.method(method).at_steps(steps)
+    pipe, keys, loras, scales = engine._pipeline(family, spec)
+    with engine.cache.hold(keys), engine.adapters.active(loras, scales):
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=spec.guidance, width=spec.native_size,
+                      height=spec.native_size, generator=[torch.Generator("cpu").manual_seed(i)
+                                                          for i in range(len(prompts))],
+                      **call_kwargs(spec)).images
+    alone = np.asarray(engine.run("mini", method, prompts[0], seed=0, steps=steps).image, dtype=int)
+    assert np.abs(np.asarray(images[0], dtype=int) - alone).max() <= 2, "the batched call left the engine's recipe"
+    return [np.asarray(image) for image in images]
 
 
 def _sha(path: Path) -> str:

@@ -154,7 +154,7 @@ class Runs:
 
         def job(on_step, stop):
             return self.engine.iter_compare(req.family.name, req.prompt, board.order, **req.engine_kwargs(),
-                                            on_step=on_step, stop=stop)
+                                            on_step=on_step, on_preview=on_step, stop=stop)
 
         yield from self.follow(board, job, request)
 
@@ -176,7 +176,7 @@ class Runs:
         def job(on_step, stop):
             return [self.engine.run(board.family, method, s.prompt, negative_prompt=s.negative_prompt, seed=s.seed,
                                     width=s.width, height=s.height, steps=steps, guidance=guidance,
-                                    on_step=on_step, stop=stop)]
+                                    on_step=on_step, on_preview=on_step, stop=stop)]
 
         yield from self.follow(board, job, request)
 
@@ -354,7 +354,8 @@ class Runs:
 
             def job(on_step, stop, board=board, loras=loras):
                 return self.engine.iter_compare(fam, req.prompt, board.order, seed=req.seed, width=req.width,
-                                                height=req.height, loras=loras, on_step=on_step, stop=stop)
+                                                height=req.height, loras=loras, on_step=on_step, on_preview=on_step,
+                                                stop=stop)
 
             def view(b, changed, running, export=False, name=name, last=last):
                 return self.custom_view(b, changed, running or not last, name)
@@ -464,7 +465,7 @@ class Runs:
 
         def job(on_step, stop):
             return self.engine.iter_refine(req.family.name, image, req.prompt, rboard.order, mask=mask,
-                                           **req.engine_kwargs(), on_step=on_step, stop=stop)
+                                           **req.engine_kwargs(), on_step=on_step, on_preview=on_step, stop=stop)
 
         yield from self.follow(rboard, job, request, view)
 
@@ -491,7 +492,7 @@ class Runs:
             if panel is None or method not in self.slots:
                 continue
             result = panel.result
-            out[f"{prefix}{method}.image"] = result.image if result is not None else None
+            out[f"{prefix}{method}.image"] = panel.image  # while it runs: the newest preview of its latents
             out[f"{prefix}{method}.status"] = board.status_html(method)
             out[f"{prefix}{method}.caption"] = caption(result) if result is not None else ""
             out[f"{prefix}{method}.code"] = result.code if result is not None else ""

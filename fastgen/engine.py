@@ -18,6 +18,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,6 +40,54 @@ __all__ = ["Engine", "MethodResult", "MethodFailure", "Comparison", "RunStopped"
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[str, int, int], None]
+OnPreview = Callable[[str, int, int, object], None]  # (method, step, total, a PIL image of the latents so far)
+PREVIEW_FIT_IMAGES = 16  # random colour-block images a VAE encodes to fit its latent preview map
+PREVIEW_MAX_SIDE = 256  # a preview is shown in a panel; its size is what is sent, not what is drawn
+
+
+def preview_map(vae):
+    """A linear map (latent channels + 1, 3) from a latent pixel (unscaled: as the VAE encodes) to RGB in [0, 1],
+    fitted to this VAE by least squares: it encodes images of random colour blocks (two latent pixels a side) and
+    matches each latent pixel to the average colour it covers. Other tools ship such factors fixed per model;
+    here they are measured for whichever VAE runs (one small encode). None when the fit is not finite."""
+    import torch
+
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel
+    block = 2 * scale
+    side = max(64, 4 * block)
+    colours = torch.rand(PREVIEW_FIT_IMAGES, 3, side // block, side // block, generator=torch.Generator().manual_seed(0))
+    images = colours.repeat_interleave(block, 2).repeat_interleave(block, 3)
+    with torch.no_grad():
+        latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+    covered = torch.nn.functional.avg_pool2d(images, scale)
+    design = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    design = torch.cat([design, torch.ones(len(design), 1)], dim=1)
+    solution = torch.linalg.lstsq(design, covered.permute(0, 2, 3, 1).reshape(-1, 3)).solution
+    return solution if bool(torch.isfinite(solution).all()) else None
+
+
+def latent_preview(latents, vae, weights):
+    """The first latent of a batch as a PIL image through `weights` (preview_map), at the latent's size scaled up
+    to the VAE's pixel size (at most PREVIEW_MAX_SIDE a side)."""
+    import torch
+    from PIL import Image
+
+    config = vae.config
+    z = latents[0].float().cpu() / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    rgb = torch.einsum("chw,cd->hwd", z, weights[:-1]) + weights[-1]
+    image = Image.fromarray((rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    scale = 2 ** (len(config.block_out_channels) - 1)
+    side = max(image.size) * scale
+    size = image.size if side <= 0 else tuple(int(n * scale * min(1.0, PREVIEW_MAX_SIDE / side)) for n in image.size)
+    return image.resize(size, Image.NEAREST if max(image.size) <= 32 else Image.BILINEAR)
+
+
+def preview_due(step: int, total: int, latent_side: int) -> bool:
+    """Whether step `step` (1-based, before the last) shows a preview: every step for small latents (the mini
+    family's 16 x 16), else about eight per run."""
+    if step >= total:
+        return False
+    return latent_side <= 32 or step % max(1, total // 8) == 0
 
 
 class RunStopped(Exception):
@@ -152,6 +201,7 @@ class Engine:
         self._schedulers: dict[tuple, object] = {}  # (family, method, scheduler, kwargs) -> its own instance
         self._warm: set[tuple[str, str, int, int]] = set()
         self._run_lock = threading.Lock()
+        self._preview_maps = weakref.WeakKeyDictionary()  # VAE module -> its fitted preview map (or None)
 
     @property
     def dtype_name(self) -> str:
@@ -178,6 +228,16 @@ class Engine:
         if missing:
             raise MissingWeightsError(missing, family=family.name if family.name in FAMILIES else None)
         return {repo: hub.local_folder(repo) for repo in spec.repos}
+
+    def _preview_map(self, vae):
+        """The VAE's latent preview map, fitted on its first use (one small encode) and kept while it is cached."""
+        if vae not in self._preview_maps:
+            try:
+                self._preview_maps[vae] = preview_map(vae)
+            except Exception as error:  # previews are a nicety: a VAE that cannot be fitted shows none
+                logger.warning("no latent previews for this VAE: %s", error)
+                self._preview_maps[vae] = None
+        return self._preview_maps[vae]
 
     # 2. Assemble the method's pipeline from cached components ---------------------------------------------
     def _pipeline(self, family: Family, spec: MethodSpec, pipeline: str | None = None,
@@ -369,10 +429,11 @@ class Engine:
     def run(self, family: str | Family, method: str, prompt: str, *, negative_prompt: str = "", seed: int = 0,
             width: int | None = None, height: int | None = None, steps: int | None = None,
             guidance: float | None = None, on_step: OnStep | None = None,
-            stop: threading.Event | None = None, loras=()) -> MethodResult:
+            stop: threading.Event | None = None, loras=(), on_preview: OnPreview | None = None) -> MethodResult:
         """Generate one panel. `loras`: StyleLora (or dicts of repo, weight_name, scale) stacked on the methods
-        that take them (spec.takes_styles; the others run without, and say so). Raises ValueError on bad input,
-        MissingWeightsError, or RunStopped."""
+        that take them (spec.takes_styles; the others run without, and say so). `on_preview(method, step, total,
+        image)`: a cheap picture of the latents while denoising (see preview_due), never counted in the time.
+        Raises ValueError on bad input, MissingWeightsError, or RunStopped."""
         family = get_family(family)
         spec = family.method(method)
         styles = check_loras(loras)
@@ -389,7 +450,7 @@ class Engine:
         applied = styles if spec.takes_styles else ()
         pipe, image, timings, loop_steps, flagged, load_seconds = self._execute(
             family, spec, None, args, (family.name, spec.name, width, height), spec.min_steps, on_step, stop,
-            applied)
+            applied, on_preview)
         result = self._result(spec, pipe, image, timings, loop_steps, flagged, load_seconds, prompt=prompt,
                               negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
                               height=height, styles=applied)
@@ -421,7 +482,7 @@ class Engine:
         )
 
     def _execute(self, family: Family, spec: MethodSpec, pipeline: str | None, args: dict, warm_key: tuple,
-                 warm_steps: int, on_step, stop, styles: tuple[StyleLora, ...] = ()):
+                 warm_steps: int, on_step, stop, styles: tuple[StyleLora, ...] = (), on_preview=None):
         """Under the run lock: assemble the pipeline, hold its parts (and enable its LoRA), warm up on a first CUDA
         run, generate. Returns (pipe, image, timings, steps run, flagged, load seconds)."""
         with self._run_lock:
@@ -434,16 +495,20 @@ class Engine:
                     self._generate(pipe, **{**args, "steps": warm_steps}, on_step=None, stop=stop)
                     self._warm.add(warm_key)
                 load_seconds = time.perf_counter() - start
-                image, timings, loop_steps, flagged = self._generate(pipe, **args, on_step=on_step, stop=stop)
+                image, timings, loop_steps, flagged = self._generate(pipe, **args, on_step=on_step, stop=stop,
+                                                                     on_preview=on_preview)
         return pipe, image, timings, loop_steps, flagged, load_seconds
 
-    def _generate(self, pipe, spec, prompt, negative_prompt, seed, steps, guidance, on_step, stop, **inputs):
+    def _generate(self, pipe, spec, prompt, negative_prompt, seed, steps, guidance, on_step, stop, on_preview=None,
+                  **inputs):
         """One pipeline call, timed at the step boundaries: text encoding (and for a refine, encoding the source
         image) runs until the UNet's first call, denoising until the last step's callback, decoding (VAE, safety
-        checker, to PIL) after it. `inputs`: width and height, or a refine's image, mask_image and strength."""
+        checker, to PIL) after it; previews are made in the step callbacks and their time is taken out of the
+        denoising. `inputs`: width and height, or a refine's image, mask_image and strength."""
         import torch
 
-        marks = {}
+        marks = {"preview": 0.0}
+        weights = self._preview_map(pipe.vae) if on_preview is not None else None
 
         def sync():
             if self.device.startswith("cuda"):
@@ -460,6 +525,10 @@ class Engine:
                 sync()
                 marks["decode"] = time.perf_counter()
             marks["steps"] = i + 1
+            if weights is not None and preview_due(i + 1, total, tensors["latents"].shape[-1]):
+                started = time.perf_counter()
+                on_preview(spec.name, i + 1, total, latent_preview(tensors["latents"], pipeline.vae, weights))
+                marks["preview"] += time.perf_counter() - started
             if on_step is not None:
                 on_step(spec.name, i + 1, total)
             if stop is not None and stop.is_set():
@@ -483,7 +552,7 @@ class Engine:
             hook.remove()
         timings = {
             "text_encoding": marks["denoise"] - start,
-            "denoising": marks["decode"] - marks["denoise"],
+            "denoising": marks["decode"] - marks["denoise"] - marks["preview"],
             "decoding": end - marks["decode"],
         }
         flagged = bool(getattr(output, "nsfw_content_detected", None) and any(output.nsfw_content_detected))
@@ -513,7 +582,8 @@ class Engine:
                      negative_prompt: str = "", seed: int = 0, width: int | None = None,
                      height: int | None = None, steps: dict[str, int] | None = None,
                      guidance: dict[str, float] | None = None, on_step: OnStep | None = None,
-                     stop: threading.Event | None = None, loras=()) -> Iterator[MethodResult | MethodFailure]:
+                     stop: threading.Event | None = None, loras=(),
+                     on_preview: OnPreview | None = None) -> Iterator[MethodResult | MethodFailure]:
         """Run `methods` (default: all of the family's, in its order) on one prompt and seed; yield each result
         as it is ready. Every argument is checked before the first run starts. A panel that fails (weights
         missing or corrupt, out of memory, any error) yields a MethodFailure and the next one runs; a stop
@@ -532,7 +602,7 @@ class Engine:
             try:
                 outcome = self.run(family, name, prompt, negative_prompt=negative_prompt, seed=seed, width=width,
                                    height=height, steps=steps.get(name), guidance=guidance.get(name),
-                                   on_step=on_step, stop=stop, loras=loras)
+                                   on_step=on_step, stop=stop, loras=loras, on_preview=on_preview)
             except RunStopped:
                 raise
             except Exception as error:  # one panel's fault: say what failed, and run the others
@@ -586,7 +656,8 @@ class Engine:
     def refine(self, family: str | Family, method: str, image, prompt: str, *, mask=None,
                strength: float | None = None, steps: int | None = None, guidance: float | None = None,
                negative_prompt: str = "", seed: int = 0, keep_outside: bool = False, resize: bool = False,
-               on_step: OnStep | None = None, stop: threading.Event | None = None) -> MethodResult:
+               on_step: OnStep | None = None, stop: threading.Event | None = None,
+               on_preview: OnPreview | None = None) -> MethodResult:
         """Refine `image` (PIL, RGB) with one method: image-to-image, or inpainting where `mask` (PIL, mode L,
         white = repaint) is given, over the same cached modules as text-to-image. strength/steps/guidance None:
         the method's refine defaults (its model card's). `keep_outside` pastes the source back outside the mask;
@@ -608,7 +679,7 @@ class Engine:
                     guidance=guidance, **inputs)
         pipe, out, timings, loop_steps, flagged, load_seconds = self._execute(
             family, spec, recipe.pipeline, args, (family.name, spec.name, recipe.mode, *source.size), steps,
-            on_step, stop)
+            on_step, stop, on_preview=on_preview)
         outside = None
         if mask is not None:
             if keep_outside:  # a 4-channel UNet blends in latent space: the VAE round trip moves the outside
@@ -665,7 +736,8 @@ class Engine:
                     mask=None, strength: float | None = None, steps: dict[str, int] | None = None,
                     guidance: dict[str, float] | None = None, negative_prompt: str = "", seed: int = 0,
                     keep_outside: bool = False, resize: bool = False, on_step: OnStep | None = None,
-                    stop: threading.Event | None = None) -> Iterator[MethodResult | MethodFailure]:
+                    stop: threading.Event | None = None,
+                    on_preview: OnPreview | None = None) -> Iterator[MethodResult | MethodFailure]:
         """Refine one image with `methods` (default: the family's shown ones) on one prompt, seed and strength
         (None: each method's default); yield each result as it is ready, as iter_compare does. Every argument
         is checked for every method before the first run starts; a method with no pipeline for the mode yields
@@ -686,7 +758,7 @@ class Engine:
                 outcome = self.refine(family, name, image, prompt, mask=mask, strength=strength,
                                       steps=steps.get(name), guidance=guidance.get(name),
                                       negative_prompt=negative_prompt, seed=seed, keep_outside=keep_outside,
-                                      resize=resize, on_step=on_step, stop=stop)
+                                      resize=resize, on_step=on_step, stop=stop, on_preview=on_preview)
             except RunStopped:
                 raise
             except Exception as error:

@@ -117,6 +117,7 @@ class Step:
     method: str
     step: int
     total: int
+    preview: Any = None  # a picture of the latents at this step (Engine's on_preview), when one was made
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,10 @@ def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: thre
            min_interval: float = 0.1) -> Iterator[Step | Done]:
     """Run `job(on_step, stop)` in a worker thread and yield its progress as it happens.
 
-    `job` yields MethodResults (like Engine.iter_compare) and calls `on_step(method, step, total)`.
-    Step events are coalesced to at most one per `min_interval` seconds (a 64x64 run makes hundreds per
-    second); every result is yielded. The worker's exception (RunStopped included) is re-raised here
+    `job` yields MethodResults (like Engine.iter_compare) and calls `on_step(method, step, total)`, or with a
+    fourth argument, the step's preview (pass it as the engine's on_preview too). Step events are coalesced to
+    at most one per `min_interval` seconds (a 64x64 run makes hundreds per second), a newer step keeping the
+    newest preview; every result is yielded. The worker's exception (RunStopped included) is re-raised here
     after the events before it. If the consumer goes away early, the worker is stopped between steps
     and joined, so the GPU is free when this generator is closed.
     """
@@ -141,7 +143,8 @@ def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: thre
 
     def work():
         try:
-            for result in job(lambda method, step, total: events.put(Step(method, step, total)), stop):
+            for result in job(lambda method, step, total, preview=None: events.put(Step(method, step, total, preview)),
+                              stop):
                 events.put(Done(result))
         except BaseException as exc:  # handed to the consumer, which decides what the user sees
             failure.append(exc)
@@ -163,6 +166,8 @@ def stream(job: Callable[[Callable, threading.Event], Iterable[Any]], stop: thre
                 finished = True
                 break
             if isinstance(event, Step) and time.monotonic() - shown_at < min_interval:
+                if event.preview is None and held is not None and held.method == event.method:
+                    event = Step(event.method, event.step, event.total, held.preview)  # keep the newest picture
                 held = event
                 continue
             if isinstance(event, Done) and held is not None and held.method == event.result.method:
@@ -217,6 +222,15 @@ class Panel:
     total: int = 0
     result: Any = None
     message: str = ""
+    preview: Any = None  # the running step's picture of the latents, until the result replaces it
+
+    @property
+    def image(self):
+        """What the panel shows: the newest preview while it runs (a rerun's old image until the first one), else
+        the result's image."""
+        if self.state == "running" and self.preview is not None:
+            return self.preview
+        return self.result.image if self.result is not None else None
 
 
 @dataclass(frozen=True)
@@ -271,9 +285,12 @@ class Board:
         if isinstance(event, Step):
             panel = self.panels[event.method]
             panel.state, panel.step, panel.total = "running", event.step, event.total
+            if event.preview is not None:
+                panel.preview = event.preview
             return [event.method]
         result = event.result
         panel = self.panels[result.method]
+        panel.preview = None
         if isinstance(result, MethodFailure):  # this panel failed; the run goes on with the next
             kept = " (the image is from the previous run)" if panel.result is not None else ""
             panel.state, panel.message = "failed", result.message + kept
@@ -292,6 +309,7 @@ class Board:
         current = next((m for m in self.order if self.panels[m].state in ("running", "waiting")), None)
         for m in self.order:
             panel = self.panels[m]
+            panel.preview = None
             if m == current:
                 kept = " (the image is from the previous run)" if panel.result is not None else ""
                 panel.state, panel.message = state, message + kept

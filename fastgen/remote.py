@@ -78,24 +78,30 @@ class RemoteEngine:
     # -- the Engine calls the page makes ---------------------------------------------------------------------------
     def iter_compare(self, family: str | Family, prompt: str, methods: list[str] | None = None, *,
                      negative_prompt: str = "", seed: int = 0, width=None, height=None, steps=None, guidance=None,
-                     on_step=None, stop=None, loras=()) -> Iterator[MethodResult | MethodFailure]:
-        from fastgen.request import CompareRequest, RequestError
+                     on_step=None, stop=None, loras=(), on_preview=None) -> Iterator[MethodResult | MethodFailure]:
+        from fastgen.request import CompareRequest, RequestError, check_loras
 
-        if loras:
-            raise RequestError("loras", "style LoRAs are not served by the Ray Serve backend yet")
+        from fastgen.registry import FAMILIES
+
         family = get_family(family)
+        if family.name not in FAMILIES:
+            raise RequestError("base", "a page with a backend sends custom models nowhere: post them to the "
+                                       "backend's own /compare, with `base`")
         body = dict(prompt=prompt, negative_prompt=negative_prompt or None, seed=seed, methods=methods, width=width,
                     height=height, family=family.name, steps=steps, guidance=guidance)
+        if loras:  # the backend runs them on its groups' deployments, and checks them against its host's switch
+            body["loras"] = [lora.to_dict() for lora in check_loras(loras)]
         CompareRequest.parse(body, family=family)  # a bad request never leaves this machine
         for line in self._post("/compare", body, stop):
             yield _result(line)
 
     def run(self, family, method: str, prompt: str, *, negative_prompt: str = "", seed: int = 0, width=None,
-            height=None, steps=None, guidance=None, on_step=None, stop=None) -> MethodResult:
+            height=None, steps=None, guidance=None, on_step=None, stop=None, on_preview=None, loras=()) -> MethodResult:
         outcome = next(self.iter_compare(family, prompt, [method], negative_prompt=negative_prompt, seed=seed,
                                          width=width, height=height,
                                          steps=None if steps is None else {method: steps},
-                                         guidance=None if guidance is None else {method: guidance}, stop=stop))
+                                         guidance=None if guidance is None else {method: guidance}, stop=stop,
+                                         loras=loras))
         if isinstance(outcome, MethodFailure):
             _raise(outcome)
         return outcome
@@ -108,7 +114,7 @@ class RemoteEngine:
 
     def iter_refine(self, family, image, prompt: str, methods: list[str] | None = None, *, mask=None,
                     strength=None, steps=None, guidance=None, negative_prompt: str = "", seed: int = 0,
-                    keep_outside: bool = False, resize: bool = False, on_step=None, stop=None):
+                    keep_outside: bool = False, resize: bool = False, on_step=None, stop=None, on_preview=None):
         from fastgen.engine import Engine
         from fastgen.request import check_methods
         from fastgen.serve import png64

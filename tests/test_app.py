@@ -52,13 +52,14 @@ class FakeResult:
 class FakeEngine:
     """Engine.run / iter_compare with the real signatures: sleeps per step, honours on_step and stop."""
 
-    def __init__(self, step_seconds=0.0, fail=None):
+    def __init__(self, step_seconds=0.0, fail=None, previews=False):
         self.step_seconds = step_seconds
         self.fail = fail  # {method: exception} raised when that method starts
+        self.previews = previews  # call on_preview with a grey image at each step but the last
         self.calls = []
 
     def run(self, family, method, prompt, *, negative_prompt="", seed=0, width=None, height=None, steps=None,
-            guidance=None, on_step=None, stop=None):
+            guidance=None, on_step=None, stop=None, on_preview=None):
         spec = get_family(family).method(method)
         steps = spec.steps if steps is None else steps
         guidance = spec.guidance if guidance is None else guidance
@@ -69,6 +70,8 @@ class FakeEngine:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"{method} stopped at step {i}")
             time.sleep(self.step_seconds)
+            if self.previews and on_preview is not None and i + 1 < steps:
+                on_preview(method, i + 1, steps, Image.new("RGB", (16, 16), (i, i, i)))
             on_step and on_step(method, i + 1, steps)
         seconds = 0.01 * steps * (2 if spec.cfg_at(guidance) else 1)  # deterministic "timings"
         size = (width or spec.native_size, height or spec.native_size)
@@ -85,7 +88,7 @@ class FakeEngine:
                                seed=kw.get("seed", 0))
 
     def iter_refine(self, family, image, prompt, methods=None, *, mask=None, strength=None, steps=None,
-                    guidance=None, on_step=None, stop=None, seed=0, **kw):
+                    guidance=None, on_step=None, stop=None, seed=0, on_preview=None, **kw):
         """Refines as the real engine reports them: each method's strength, the steps that ran; the image is the
         method's colour over the source (so a test sees which method drew it)."""
         for m in methods:
@@ -305,6 +308,18 @@ def test_generate_validator_marks_the_field_before_anything_is_queued(runs, chan
     assert all(c["is_valid"] for c in ok)
 
 
+def test_a_running_panel_shows_its_latest_preview_then_its_image(tmp_path):
+    runs = app.Runs(FakeEngine(step_seconds=0.01, previews=True), tmp_path)
+    updates = generate(runs)
+    shown = [u["baseline.image"] for u in updates if changed(u["baseline.image"]) and u["baseline.image"] is not None]
+    previews = [image for image in shown if image.size == (16, 16)]
+    assert 2 < len(previews) < 15  # coalesced with the progress, about ten a second over the baseline's 0.5 s
+    levels = [image.getpixel((0, 0))[0] for image in previews]
+    assert levels == sorted(levels) and levels[-1] >= 30  # newer steps replace older ones
+    assert shown[-1].getpixel((0, 0)) == COLORS["baseline"] and shown[-1].size != (16, 16)  # then the image
+    assert updates[-1]["board"].panels["baseline"].preview is None
+
+
 def test_a_failed_panel_says_why_and_the_others_finish(tmp_path):
     from fastgen.results import MethodFailure
 
@@ -407,8 +422,8 @@ def test_model_work_shares_one_gpu_slot():
     """Every event that reaches the engine is in the one concurrency group, limited to a single job."""
     gpu = [f for f in app.demo.fns.values() if f.concurrency_id == app.GPU]
     fills_on_open = app.pick_family()[0] in app.FILL_ON_OPEN  # then generate also runs as the page loads
-    # generate, compare, refine and live (page and API each), one rerun per panel slot
-    assert len(gpu) == 6 + len(SLOTS) + fills_on_open
+    # generate, compare, refine and live (page and API each), the Your model run, one rerun per panel slot
+    assert len(gpu) == 7 + len(SLOTS) + fills_on_open
     assert all(f.concurrency_limit == 1 for f in gpu)
     for name in ("compare", "refine", "live"):
         assert next(f for f in gpu if f.api_name == name).api_visibility == "public"

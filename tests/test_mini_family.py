@@ -197,3 +197,27 @@ def test_a_sketched_blob_becomes_a_shape_in_the_strokes_colour(engine, colour):
     assert "2 steps" not in out["live.turbo.caption"] and "ms** per frame" in out["live.turbo.caption"]
     assert "from the sketch at strength 0.7" in out["live.turbo.caption"]
     assert analyze(np.asarray(out["live.turbo.image"])).color == colour
+
+
+def test_previews_show_the_latents_while_denoising_and_cost_the_run_no_time(engine):
+    """on_preview: a picture of the latents at every step but the last (the mini family's 16 x 16 latents), at
+    the image's size, nearing the final image as the steps go; a slow preview never counts in the time."""
+    import time
+
+    prompt = "a large red circle on a blue background"
+    shown = []
+
+    def slow(method, step, total, image):
+        shown.append((step, total, np.asarray(image.convert("RGB"), dtype=float)))
+        time.sleep(0.05)
+
+    start = time.perf_counter()
+    result = engine.run("mini", "baseline", prompt, seed=1, on_preview=slow)
+    wall = time.perf_counter() - start
+    assert [(s, t) for s, t, _ in shown] == [(s, 50) for s in range(1, 50)]
+    assert wall - result.seconds >= 49 * 0.05 * 0.9  # the previews' time is not the method's
+    final = np.asarray(result.image, dtype=float)
+    error = [np.abs(image - final).mean() / 255 for _, _, image in shown]
+    assert shown[-1][2].shape == final.shape and error[-1] < 0.2 and error[-1] < error[0] - 0.2, error[::8]
+    plain = engine.run("mini", "baseline", prompt, seed=1)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(result.image))  # previews change no pixel

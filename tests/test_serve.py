@@ -226,7 +226,7 @@ def test_visitors_base_models_run_on_the_multiplexed_deployment(served, one_thre
     assert status == 400 and lines[0][1]["field"] == "base"
 
 
-def test_style_loras_run_on_the_groups_own_deployments(served, one_thread, tmp_path):
+def test_style_loras_run_on_the_groups_own_deployments(served, one_thread, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     from fastgen.engine import Engine
@@ -243,3 +243,10 @@ def test_style_loras_run_on_the_groups_own_deployments(served, one_thread, tmp_p
     assert by_method["lcm-lora"]["loras"] == [lora] and "loras" not in by_method["turbo"]
     own = Engine(device="cpu").run("mini", "lcm-lora", PROMPT, seed=4, loras=[StyleLora(**lora)])
     assert np.array_equal(np.asarray(from_png64(by_method["lcm-lora"]["image"]).convert("RGB")), np.asarray(own.image))
+    from fastgen import request
+    from fastgen.remote import RemoteEngine  # the page's client sends them on too (its own host's switch first)
+
+    monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
+    monkeypatch.setitem(request.PUBLIC, "bind", False)
+    remote = RemoteEngine(served).run("mini", "lcm-lora", PROMPT, seed=4, loras=[StyleLora(**lora)])
+    assert remote.loras == [lora] and np.array_equal(np.asarray(remote.image), np.asarray(own.image))

@@ -6,7 +6,11 @@
         pipe(...)
 
 A UNet is shared by every method that loads the same files (the baseline, LCM-LoRA, Hyper-SD), so no adapter
-is ever fused into it. Each adapter is attached once and left disabled; `active` enables the run's adapters
+is ever fused into it. Disabled adapters still leave peft's wrapper around every target layer, whose per-layer
+work would slow the reference and flatter every speed-up by however much it costs (on 2 CPU cores it is within
+the machine's noise: benchmarks/unused_adapter.py). So before its first adapter, the UNet gets a clean twin
+(`clean_twin`: its own module objects over the very same tensors, no memory copied), and runs with no adapter
+use the twin: the reference never runs through a wrapper. Each adapter is attached once and left disabled; `active` enables the run's adapters
 (a method's own, and any style LoRAs stacked on it, each at its scale; the others on the same UNet stay off)
 for the run that holds the UNet's lock, and disables them on exit, even when the run fails or is stopped.
 The cache stores the adapter's record (its bytes count towards the budget); evicting it, or its UNet, detaches it.
@@ -22,6 +26,16 @@ from collections.abc import Callable, Iterable
 from fastgen.cache import Component, ComponentCache, module_bytes
 
 logger = logging.getLogger(__name__)
+
+
+def clean_twin(module):
+    """A second module tree over the same parameters and buffers: its layers stay plain when adapters wrap the
+    original's (peft replaces modules in place), and it costs no tensor memory."""
+    import copy
+    import itertools
+
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, shared)
 
 
 def switch(unet, adapters: list[str], scales: list[float] | None = None) -> None:
@@ -48,6 +62,8 @@ class Adapters:
                 unet = self.cache.entry(unet_key)
                 adapter = f"lora_{lora_key[:12]}"
                 before = module_bytes(unet.module)
+                if unet.clean is None:  # the plain layers, kept for the runs without adapters
+                    unet.clean = clean_twin(unet.module)
                 logger.info("loading LoRA %s onto %s", source, unet.source)
                 try:
                     load(adapter)

@@ -76,6 +76,7 @@ class Component:
     parent: str | None = None  # a LoRA's UNet
     adapter: str | None = None  # a LoRA's adapter name on that UNet
     scale: float = 1.0  # a LoRA's weight while it is active
+    clean: object = None  # a UNet's module tree without adapter wrappers, over the same tensors (fastgen.adapters)
 
 
 class ComponentCache:

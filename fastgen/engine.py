@@ -291,6 +291,9 @@ class Engine:
         loras += [(s.repo, s.weight_name, s.scale, self._style_folder(s, family), True) for s in styles]
         keys = [self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale,
                              unet_only=unet_only) for repo, weight_name, scale, where, unet_only in loras]
+        unet = self.cache.entry(plan["unet"][0]) if not keys and "unet" in plan else None
+        if unet is not None and unet.clean is not None:  # no adapter this run: the UNet's plain layers
+            pipe.register_modules(unet=unet.clean)
         return pipe, sorted(pinned), keys, [scale for _, _, scale, _, _ in loras]
 
     def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,

@@ -266,6 +266,25 @@ def test_lora_never_leaks_into_the_baseline(fake_hub, order):
         assert_same_image(same[0], same[-1], tolerance=0)
 
 
+def test_the_reference_runs_on_plain_layers_over_the_same_weights_once_an_adapter_is_attached(fake_hub):
+    """peft's wrappers stay around the UNet's layers when its adapters are off: after an LCM-LoRA run the
+    reference runs on the UNet's clean twin, whose layers are plain and whose tensors are the shared UNet's."""
+    from peft.tuners.lora import LoraLayer
+
+    engine = Engine(device="cpu")
+    before = engine.run("sdxl", "baseline", PROMPT, steps=3, **SIZE).image
+    engine.run("sdxl", "lcm-lora", PROMPT, steps=2, **SIZE)
+    family = get_family("sdxl")
+    wrapped = engine._pipeline(family, family.method("lcm-lora"))[0].unet
+    plain = engine._pipeline(family, family.method("baseline"))[0].unet
+    assert plain is not wrapped and any(isinstance(m, LoraLayer) for m in wrapped.modules())
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    shared = {p.data_ptr() for p in wrapped.parameters()}
+    assert all(p.data_ptr() in shared for p in plain.parameters())  # the same weights, not a copy
+    after = engine.run("sdxl", "baseline", PROMPT, steps=3, **SIZE).image
+    assert_same_image(after, before, tolerance=0)
+
+
 @functools.lru_cache(maxsize=None)
 def alone_image(method, steps):
     """`method` run by an engine that has never loaded anything else."""

@@ -221,12 +221,24 @@ def test_live_follows_the_prompt_as_it_is_typed_and_the_sketch_as_it_is_drawn(pa
 
 # --- N panels: the page built from the registry, on the fake Hub's sdxl family (seven methods) ----------------
 
+def at_64(family: str):
+    """The registered family with every method's native size 64: the fake Hub's tiny models at SDXL's own 512
+    and 1024 take minutes a panel for nothing the layout tests need."""
+    from dataclasses import replace
+
+    fam = registry.FAMILIES[family]
+    return replace(fam, methods=tuple(replace(m, native_size=64) for m in fam.methods))
+
+
 @pytest.fixture(scope="module")
 def sdxl_url(fake_hub):
+    mp = pytest.MonkeyPatch()
+    mp.setitem(registry.FAMILIES, "sdxl", at_64("sdxl"))
     demo = app.create_demo(Engine(), family="sdxl")
     _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
+    mp.undo()
 
 
 COMPARE_PANELS = ".fg-panel:not(.fg-refine-panel):visible"
@@ -253,8 +265,6 @@ def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, br
     for label in ("SDXL-Lightning", "Hyper-SDXL", "DMD2"):
         page.locator(".fg-methods").get_by_label(label, exact=True).check()
     playwright.expect(page.locator(COMPARE_PANELS)).to_have_count(7, timeout=30_000)
-    page.get_by_label("Size").click()
-    page.get_by_role("option", name="512×512 for all").click()
     page.get_by_label("Prompt", exact=True).fill("a red circle")
     page.get_by_role("button", name="Generate").click()
     playwright.expect(panel(page, "Baseline").locator(".block.fg-caption")).to_contain_text("reference",
@@ -286,12 +296,8 @@ def test_every_method_of_the_family_can_be_added_and_the_grid_wraps(sdxl_url, br
 def test_your_model_with_a_style_lora_with_and_without_it(fake_hub, finetune, style, browser, tmp_path, monkeypatch):
     """With FASTGEN_ALLOW_CUSTOM=1 on 127.0.0.1: type a model id, add a style LoRA, run; the reference and
     LCM-LoRA panels fill with the style and without it, each naming what it ran with."""
-    from dataclasses import replace
-
     monkeypatch.setenv("FASTGEN_ALLOW_CUSTOM", "1")
-    sd15 = registry.FAMILIES["sd15"]  # the tiny fake models at 64 px: at SD 1.5's own 512, 50 steps take ~90 s
-    monkeypatch.setitem(registry.FAMILIES, "sd15", replace(sd15, methods=tuple(replace(m, native_size=64)
-                                                                                for m in sd15.methods)))
+    monkeypatch.setitem(registry.FAMILIES, "sd15", at_64("sd15"))  # at SD 1.5's 512, 50 steps take ~90 s here
     demo = app.create_demo(Engine(), family="sd15")
     _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

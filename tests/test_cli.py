@@ -104,12 +104,11 @@ def test_evaluate_is_registered():
 def test_the_new_rows_side_by_side_share_the_base_unet_and_encoders(fake_hub, tmp_path):
     """Turbo vs SDXL-Lightning vs Hyper-SDXL vs DMD2 vs the baseline: five panels, each its model card's image;
     the base UNet serves the baseline and Hyper-SD's adapter, and the text encoders and VAE load once."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "fastgen", "compare", "a red circle", "--family", "sdxl",
-               "--methods", "turbo,lightning,hyper-sd,dmd2,lcm-lora,baseline", "--size", "64x64",
-               "--steps", "baseline=3", "--seed", "7", "--out", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ}, timeout=300)
-    assert done.returncode == 0, done.stderr
+    from fastgen.__main__ import main
+
+    out = tmp_path / "out"  # in this process: test_compare_writes_images_grid_and_results runs the entry point
+    assert main(["compare", "a red circle", "--family", "sdxl", "--methods", "turbo,lightning,hyper-sd,dmd2,lcm-lora,"
+                 "baseline", "--size", "64x64", "--steps", "baseline=3", "--seed", "7", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in data["results"]] == ["turbo", "lightning", "hyper-sd", "dmd2", "lcm-lora",
                                                       "baseline"]

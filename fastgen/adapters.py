@@ -10,9 +10,11 @@ is ever fused into it. Disabled adapters still leave peft's wrapper around every
 work would slow the reference and flatter every speed-up by however much it costs (on 2 CPU cores it is within
 the machine's noise: benchmarks/unused_adapter.py). So before its first adapter, the UNet gets a clean twin
 (`clean_twin`: its own module objects over the very same tensors, no memory copied), and runs with no adapter
-use the twin: the reference never runs through a wrapper. Each adapter is attached once and left disabled; `active` enables the run's adapters
-(a method's own, and any style LoRAs stacked on it, each at its scale; the others on the same UNet stay off)
-for the run that holds the UNet's lock, and disables them on exit, even when the run fails or is stopped.
+use the twin: the reference never runs through a wrapper.
+
+Each adapter is attached once and left disabled; `active` enables the run's adapters (a method's own, and any
+style LoRAs stacked on it, each at its scale; the others on the same UNet stay off) for the run that holds the
+UNet's lock, and disables them on exit, even when the run fails or is stopped.
 The cache stores the adapter's record (its bytes count towards the budget); evicting it, or its UNet, detaches it.
 """
 

@@ -55,7 +55,8 @@ def preview_map(vae):
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel
     block = 2 * scale
     side = max(64, 4 * block)
-    colours = torch.rand(PREVIEW_FIT_IMAGES, 3, side // block, side // block, generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    colours = torch.rand(PREVIEW_FIT_IMAGES, 3, side // block, side // block, generator=seeded)
     images = colours.repeat_interleave(block, 2).repeat_interleave(block, 3)
     with torch.no_grad():
         latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()

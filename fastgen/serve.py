@@ -15,9 +15,9 @@ Panels of one comparison run in parallel, each on its group's deployment, so a c
 as its slowest panel. Style LoRAs (`loras`) run on the groups' own deployments. Visitors' base models (`base`)
 run on one more deployment, `custom-models`, deployed when the host allows custom models
 (FASTGEN_ALLOW_CUSTOM=1 or FASTGEN_CUSTOM_ALLOW): Serve's model multiplexing routes each base model to a
-replica that holds it, and each replica keeps the CUSTOM_MODELS_PER_REPLICA it used last. A bad request gets status 400 and the request schema's message and field, as the page's
-API does. A replica that dies mid-request fails its panel (kind "replica-died"); the other panels complete, and
-Serve starts a new replica.
+replica that holds it, and each replica keeps the CUSTOM_MODELS_PER_REPLICA it used last. A bad request gets
+status 400 and the request schema's message and field, as the page's API does. A replica that dies
+mid-request fails its panel (kind "replica-died"); the other panels complete, and Serve starts a new replica.
 """
 
 from __future__ import annotations
@@ -191,18 +191,18 @@ class CustomModels:
             torch.set_num_threads(threads)
         apply_host_settings(settings)  # the size cap on downloads is the host's
         self.device = device
-        self.held: list[str] = []  # model ids loaded by this replica, oldest first (for health)
+        self.held: list[str] = []  # the models this replica holds, least recently used first (for health)
 
     @_multiplexed
     async def model(self, base: str) -> CustomModel:
-        held = CustomModel(base, self.device)
-        self.held = [b for b in self.held if b != base][-(CUSTOM_MODELS_PER_REPLICA - 1):] + [base]
-        return held
+        return CustomModel(base, self.device)
 
     async def run(self, request: dict) -> dict:
         from ray import serve
 
-        held = await self.model(serve.get_multiplexed_model_id())
+        base = serve.get_multiplexed_model_id()
+        held = await self.model(base)  # Serve's LRU: loaded now, or kept since its last use
+        self.held = [b for b in self.held if b != base][-(CUSTOM_MODELS_PER_REPLICA - 1):] + [base]
         start, method = time.time(), request.pop("method")
         outcome = next(held.engine.iter_compare(held.family, request.pop("prompt"), [method], **request))
         return Methods.served(outcome, start)

@@ -233,8 +233,8 @@ def test_style_loras_run_on_the_groups_own_deployments(served, one_thread, tmp_p
     from fastgen.registry import StyleLora
     from tests.fakehub import write_peft_lora
 
-    write_peft_lora(tmp_path / "style.safetensors", UNet2DConditionModel.from_pretrained(MINI_WEIGHTS / "base" / "unet"),
-                    seed=5, rank=4)
+    unet = UNet2DConditionModel.from_pretrained(MINI_WEIGHTS / "base" / "unet")
+    write_peft_lora(tmp_path / "style.safetensors", unet, seed=5, rank=4)
     lora = {"repo": str(tmp_path), "weight_name": "style.safetensors", "scale": 0.8}
     status, lines = post(served, "/compare", {"prompt": PROMPT, "seed": 4, "methods": ["lcm-lora", "turbo"],
                                               "loras": [lora]})

@@ -89,7 +89,7 @@ def test_only_compare_refine_and_live_are_public(served):
 def test_a_full_queue_says_the_demo_is_busy(monkeypatch):
     """One job runs, QUEUE_SIZE wait, the next is turned away (the page shows "currently busy")."""
     monkeypatch.setattr(app, "QUEUE_SIZE", 1)
-    demo = app.create_demo(FakeEngine(step_seconds=0.1), family="mini")  # a 50-step baseline takes 5 s
+    demo = app.create_demo(FakeEngine(step_seconds=0.04), family="mini")  # a 50-step baseline takes 2 s
     _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)

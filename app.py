@@ -44,7 +44,7 @@ from fastgen.doctor import family_state, page_families
 from fastgen.registry import FAMILIES, get_family
 from fastgen.request import (FIELDS, LIVE_FIELDS, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SEED, PUBLIC, REFINE_FIELDS,
                              CompareRequest, LiveRequest, RefineRequest, RequestError, check_family, check_guidance,
-                             check_steps, custom_refusal, live_steps, parse_size, shown)
+                             check_steps, custom_refusal, custom_switch, live_steps, parse_size, shown)
 
 log = logging.getLogger("fastgen.app")
 
@@ -76,6 +76,7 @@ CUSTOM_PANEL_OUTPUTS = ("column", "title", "image", "status", "caption", "code")
 CUSTOM_ROWS = ("custom", "plain")
 # The Live tab's per-method panels ("live.<method>.<output>").
 LIVE_PANEL_OUTPUTS = ("column", "image", "caption")
+SIZE_FIELDS = {"width": "size", "height": "size"}  # the page's one size control sets both (see `validated`)
 MAX_UPLOAD = "16mb"  # one upload: the largest allowed image (2048 x 2048 RGB) as PNG is about 12.6 MB at worst
 
 def refused(error: RequestError) -> gr.Error:
@@ -95,12 +96,16 @@ def verdicts(error: RequestError | None, fields: list[str]) -> list:
     return [gr.validate(f != refused_field, str(error) if f == refused_field else "") for f in fields]
 
 
-def validated(check, fields: list[str]) -> list:
-    """Run `check()` for a validator: all inputs pass, or the refused field carries the message (one INFO line)."""
+def validated(check, fields: list[str], shown_on: dict[str, str] | None = None) -> list:
+    """Run `check()` for a validator: all inputs pass, or the refused field carries the message (one INFO line).
+    `shown_on`: {field the schema names: the input that shows its error}, where one control carries several
+    fields (the size control sets width and height) or a field follows another input."""
     try:
         check()
         return verdicts(None, fields)
     except RequestError as error:
+        if error.field in (shown_on or {}):
+            error = RequestError(shown_on[error.field], str(error))
         log.info("refused %s: %s", error.field, error)
         return verdicts(error, fields)
 
@@ -236,16 +241,8 @@ class Runs:
         """Generate's validator: runs before the job is queued; an error is shown on the field it concerns."""
         fields = ["family", "prompt", "negative_prompt", "seed", "size", "board"]
         fields += [f for _ in self.slots for f in ("methods", "steps", "guidance")]
-
-        def check():
-            try:
-                self.page_request(family, prompt, negative_prompt, seed, size, panel_values)
-            except RequestError as error:
-                if error.field in ("width", "height"):  # both are read from the one size control
-                    raise RequestError("size", str(error)) from None
-                raise
-
-        return validated(check, fields)
+        return validated(lambda: self.page_request(family, prompt, negative_prompt, seed, size, panel_values),
+                         fields, SIZE_FIELDS)
 
     # -- live ---------------------------------------------------------------------------------------
 
@@ -308,15 +305,8 @@ class Runs:
     def validate_custom(self, family, model, prompt, seed, size, without, *lora_values) -> list:
         fields = ["family", "base", "prompt", "seed", "size", "without"]
         fields += [f for _ in range(len(lora_values) // 3) for f in ("loras", "lora_weight", "lora_scale")]
-        def check():
-            try:
-                self.custom_request(family, model, prompt, seed, size, lora_values)
-            except RequestError as error:
-                if error.field in ("width", "height"):
-                    raise RequestError("size", str(error)) from None
-                raise
-
-        return validated(check, fields)
+        return validated(lambda: self.custom_request(family, model, prompt, seed, size, lora_values), fields,
+                         SIZE_FIELDS)
 
     def custom(self, request: gr.Request, family: str, model: str, prompt: str, seed: float, size: str,
                without: bool, *lora_values) -> Iterator[dict]:
@@ -336,16 +326,13 @@ class Runs:
         with_loras = " with your LoRAs" if req.loras else ""
         out = {"custom_heading": gr.Markdown(f"**{fam.label}**{with_loras}", visible=True),
                "plain_heading": gr.Markdown(f"**{fam.label}** without them", visible=len(rows) == 2)}
-        for name, board, loras in rows:
+        for name in CUSTOM_ROWS:  # a row that does not run this time is hidden
+            suffix = " + LoRAs" if name == "custom" and req.loras else ""
             for method in present.style_slots():
-                on = method in methods
+                on = method in methods and any(row[0] == name for row in rows)
                 out[f"{name}.{method}.column"] = gr.Column(visible=on)
                 if on:
-                    suffix = " + LoRAs" if loras else ""
                     out[f"{name}.{method}.title"] = f"### {fam.method(method).label}{suffix}"
-        for method in present.style_slots():
-            if len(rows) == 1:
-                out[f"plain.{method}.column"] = gr.Column(visible=False)
         yield {**self.by_component(out), **{k: v for row in rows for k, v in self.custom_view(
             row[1], list(row[1].panels), True, row[0]).items()}}
 
@@ -428,17 +415,10 @@ class Runs:
                         resize, draft, refine_board, board) -> list:
         fields = ["family", "image", "prompt", "negative_prompt", "seed", "strength", "methods", "keep_outside",
                   "resize", "draft", "refine_board", "board"]
-
-        def check():
-            try:
-                self.refine_request(family, editor, prompt, negative_prompt, seed, strength, methods, keep_outside,
-                                    resize, draft)
-            except RequestError as error:
-                if error.field in ("mask", "steps"):  # the mask is painted on the image; steps follow strength
-                    raise RequestError("image" if error.field == "mask" else "strength", str(error)) from None
-                raise
-
-        return validated(check, fields)
+        # the mask is painted on the image; steps follow strength
+        return validated(lambda: self.refine_request(family, editor, prompt, negative_prompt, seed, strength, methods,
+                                                     keep_outside, resize, draft),
+                         fields, {"mask": "image", "steps": "strength"})
 
     def refine(self, request: gr.Request, family: str, editor, prompt: str, negative_prompt: str, seed: float,
                strength: float, methods: list[str], keep_outside: bool, resize: bool, draft: Draft | None,
@@ -1110,7 +1090,7 @@ def custom_intro() -> str:
     """What the Your model tab does, and whether this server's host has turned it on."""
     what = ("Your own SDXL or SD 1.5 checkpoint, and your style LoRAs, at 50 steps and with LCM-LoRA at 4 steps: "
             "the same seed, with the style and without it.")
-    allowlist = [r.strip() for r in os.environ.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()]
+    _, allowlist = custom_switch()
     if custom_refusal("any/hub-model") is None:
         return f"{what} Any Hub id can be loaded here; folders only when the app runs on 127.0.0.1."
     if allowlist:

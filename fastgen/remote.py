@@ -30,7 +30,7 @@ def _raise(failure: MethodFailure):
 def _result(line: dict) -> MethodResult | MethodFailure:
     from dataclasses import fields
 
-    from fastgen.serve import from_png64
+    from fastgen.wire import from_png64
 
     if line.get("failed"):
         return MethodFailure(line["method"], line["label"], line["kind"], line["message"])
@@ -117,7 +117,7 @@ class RemoteEngine:
                     keep_outside: bool = False, resize: bool = False, on_step=None, stop=None, on_preview=None):
         from fastgen.engine import Engine
         from fastgen.request import check_methods
-        from fastgen.serve import png64
+        from fastgen.wire import png64
 
         family = get_family(family)
         Engine.check_refine(family, check_methods(family, methods), image, mask, strength, steps, guidance,

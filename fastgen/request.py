@@ -164,12 +164,20 @@ MAX_LORAS = 4  # style LoRAs stacked on one run
 PUBLIC = {"bind": True}  # whether the server answers beyond this machine (app.launch sets it from its host)
 
 
+def custom_switch(env: Mapping[str, str] | None = None) -> tuple[bool, tuple[str, ...]]:
+    """The host's switch for visitors' models and LoRAs, read from `env` (default: this process's environment):
+    (FASTGEN_ALLOW_CUSTOM=1: any Hub id, the repo ids listed in FASTGEN_CUSTOM_ALLOW=a/b,c/d, in their order)."""
+    env = os.environ if env is None else env
+    allow_all = env.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes")
+    allowlist = tuple(dict.fromkeys(r.strip() for r in env.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()))
+    return allow_all, allowlist
+
+
 def custom_refusal(repo: str) -> str | None:
     """Why a request from a visitor may not load `repo` (a custom model or LoRA), or None when it may. A server
     loads none unless its host opts in: FASTGEN_ALLOW_CUSTOM=1 for any Hub id, or FASTGEN_CUSTOM_ALLOW=a/b,c/d
     for those alone; a local folder only with FASTGEN_ALLOW_CUSTOM=1 on a server bound to this machine."""
-    allow_all = os.environ.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes")
-    allowlist = {r.strip() for r in os.environ.get("FASTGEN_CUSTOM_ALLOW", "").split(",") if r.strip()}
+    allow_all, allowlist = custom_switch()
     if as_folder(repo) is not None:
         if allow_all and not PUBLIC["bind"]:
             return None

@@ -23,14 +23,13 @@ mid-request fails its panel (kind "replica-died"); the other panels complete, an
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import logging
 import os
 import time
 
 from fastgen.registry import FAMILIES, Family, MethodSpec, get_family
+from fastgen.wire import from_png64, png64
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,20 @@ def apply_host_settings(settings: dict | None) -> None:
     request.PUBLIC["bind"] = settings["public"]
 
 
+def replica_setup(threads: int | None, settings: dict | None) -> None:
+    """What every replica does first: its torch threads, and the host's custom-model settings."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    apply_host_settings(settings)
+
+
 def custom_allowed(settings: dict) -> bool:
-    env = settings["env"]
-    return env.get("FASTGEN_ALLOW_CUSTOM", "").strip().lower() in ("1", "true", "yes") or bool(
-        env.get("FASTGEN_CUSTOM_ALLOW", "").strip())
+    from fastgen.request import custom_switch
+
+    allow_all, allowlist = custom_switch(settings["env"])
+    return allow_all or bool(allowlist)
 
 
 try:  # Ray is an optional dependency (requirements-serve.txt): the rest of this module reads without it
@@ -94,29 +103,6 @@ def groups(family: str | Family, methods: list[str] | None = None) -> dict[str, 
 
 # --- results over the wire ---------------------------------------------------------------------------------
 
-def png64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def from_png64(text: str, field: str = "image"):
-    """A base64 PNG (or any image file) sent in a request, or a RequestError naming the field."""
-    from PIL import Image, UnidentifiedImageError
-
-    from fastgen.request import RequestError
-
-    if not isinstance(text, str):
-        raise RequestError(field, f"`{field}` must be a base64-encoded image file, got {type(text).__name__}")
-    try:
-        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        image.load()
-    except (ValueError, UnidentifiedImageError, OSError):
-        raise RequestError(field, f"`{field}` must be a base64-encoded image file (PNG), and could not be read") \
-            from None
-    return image
-
-
 def outcome_line(outcome) -> dict:
     """A MethodResult as its results.json fields plus "image" (PNG, base64); a MethodFailure as its fields plus
     "failed": true."""
@@ -134,11 +120,7 @@ class Methods:
 
     def __init__(self, family: str, methods: list[str], device: str | None = None, threads: int | None = None,
                  settings: dict | None = None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        apply_host_settings(settings)  # the size cap on visitors' LoRA downloads is the host's
+        replica_setup(threads, settings)  # the size cap on visitors' LoRA downloads is the host's
         from fastgen.engine import Engine
 
         self.family, self.methods = get_family(family), list(methods)
@@ -185,11 +167,7 @@ class CustomModels:
     CUSTOM_MODELS_PER_REPLICA it used (Serve drops the least recently used)."""
 
     def __init__(self, device: str | None = None, threads: int | None = None, settings: dict | None = None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        apply_host_settings(settings)  # the size cap on downloads is the host's
+        replica_setup(threads, settings)  # the size cap on downloads is the host's
         self.device = device
         self.held: list[str] = []  # the models this replica holds, least recently used first (for health)
 

@@ -45,6 +45,11 @@ PREVIEW_FIT_IMAGES = 16  # random colour-block images a VAE encodes to fit its l
 PREVIEW_MAX_SIDE = 256  # a preview is shown in a panel; its size is what is sent, not what is drawn
 
 
+def pixels_per_latent(vae_config) -> int:
+    """How many pixels one latent pixel covers a side: the VAE halves the image at each block but the last."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
 def preview_map(vae):
     """A linear map (latent channels + 1, 3) from a latent pixel (unscaled: as the VAE encodes) to RGB in [0, 1],
     fitted to this VAE by least squares: it encodes images of random colour blocks (two latent pixels a side) and
@@ -52,7 +57,7 @@ def preview_map(vae):
     here they are measured for whichever VAE runs (one small encode). None when the fit is not finite."""
     import torch
 
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel
+    scale = pixels_per_latent(vae.config)
     block = 2 * scale
     side = max(64, 4 * block)
     seeded = torch.Generator().manual_seed(0)
@@ -77,9 +82,8 @@ def latent_preview(latents, vae, weights):
     z = latents[0].float().cpu() / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
     rgb = torch.einsum("chw,cd->hwd", z, weights[:-1]) + weights[-1]
     image = Image.fromarray((rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-    scale = 2 ** (len(config.block_out_channels) - 1)
-    side = max(image.size) * scale
-    size = image.size if side <= 0 else tuple(int(n * scale * min(1.0, PREVIEW_MAX_SIDE / side)) for n in image.size)
+    side = min(max(image.size) * pixels_per_latent(config), PREVIEW_MAX_SIDE)  # the longer side, in pixels
+    size = tuple(int(n * side / max(image.size)) for n in image.size)
     return image.resize(size, Image.NEAREST if max(image.size) <= 32 else Image.BILINEAR)
 
 
@@ -290,7 +294,7 @@ class Engine:
         loras = [(spec.lora_repo, spec.lora_weight_name, spec.lora_scale, folders[spec.lora_repo], False)
                  ] if spec.lora_repo is not None else []
         loras += [(s.repo, s.weight_name, s.scale, self._style_folder(s, family), True) for s in styles]
-        keys = [self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale,
+        keys = [self._attach(pipe, family, plan["unet"][0], repo, weight_name, where, user, pinned, scale, listed,
                              unet_only=unet_only) for repo, weight_name, scale, where, unet_only in loras]
         unet = self.cache.entry(plan["unet"][0]) if not keys and "unet" in plan else None
         if unet is not None and unet.clean is not None:  # no adapter this run: the UNet's plain layers
@@ -298,11 +302,12 @@ class Engine:
         return pipe, sorted(pinned), keys, [scale for _, _, scale, _, _ in loras]
 
     def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,
-                pinned: set[str], scale: float, unet_only: bool = False) -> str:
-        """One LoRA file as a named adapter on the pipeline's (cached, shared) UNet; its adapter key. `unet_only`:
-        refuse a file that also holds text-encoder weights (a visitor's style LoRA)."""
+                pinned: set[str], scale: float, listed=hub.list_files, unet_only: bool = False) -> str:
+        """One LoRA file as a named adapter on the pipeline's (cached, shared) UNet; its adapter key. `listed`:
+        hub.list_files or the run's memo of it. `unet_only`: refuse a file that also holds text-encoder weights
+        (a visitor's style LoRA)."""
         source = hub.Source(repo, None, None, weight_name)
-        files = hub.select_files(hub.list_files(where), source)
+        files = hub.select_files(listed(where), source)
         digest = hub.content_key(where, files, None)
 
         if unet_only and any(k.startswith(("text_encoder", "lora_te")) for k in self._lora_keys(where / weight_name)):
@@ -337,12 +342,7 @@ class Engine:
         if where is None or not (where / style.weight_name).is_file():
             if not hub.is_local(style.repo) and not fetch.hub_problem():
                 try:
-                    from huggingface_hub import hf_hub_download
-
-                    size = fetch.HubListing().files(style.repo).get(style.weight_name, 0)
-                    fetch.check_cap(f"{style.repo}/{style.weight_name}", size)
-                    hf_hub_download(style.repo, style.weight_name, cache_dir=hub.cache_dir(),
-                                    endpoint=fetch.endpoint())
+                    fetch.visitor_file(style.repo, style.weight_name)
                     where = hub.local_folder(style.repo)
                 except fetch.OverCap as error:
                     raise NotAvailable(str(error)) from None

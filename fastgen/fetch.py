@@ -256,6 +256,19 @@ def check_cap(what: str, needed: int) -> None:
                       "for custom models and LoRAs (its host sets FASTGEN_CUSTOM_MAX_GB)")
 
 
+def visitor_file(repo: str, name: str) -> Path:
+    """One file of a visitor's Hub repo (a style LoRA, a single-file checkpoint), fetched into the Hub cache:
+    its size read from the Hub first and held to the host's cap (OverCap). Raises DownloadError saying why."""
+    from huggingface_hub import hf_hub_download
+
+    size = HubListing().files(repo).get(name)
+    if size is None:
+        raise DownloadError(f"{repo} has no file {name}")
+    check_cap(f"{repo}/{name}", size)
+    with explain(repo, name):
+        return Path(hf_hub_download(repo, name, cache_dir=hub.cache_dir(), endpoint=endpoint()))
+
+
 def size_text(n: int) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"

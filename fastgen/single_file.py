@@ -66,14 +66,8 @@ def locate(base: str) -> Path:
     problem = fetch.hub_problem()
     if problem:
         raise ValueError(f"{base} is not on this machine and cannot be downloaded now: {problem}")
-    from huggingface_hub import hf_hub_download
-
     try:
-        size = fetch.HubListing().files(repo).get(name)
-        if size is None:
-            raise ValueError(f"{repo} has no file {name}")
-        fetch.check_cap(base, size)
-        return Path(hf_hub_download(repo, name, cache_dir=hub.cache_dir(), endpoint=fetch.endpoint()))
+        return fetch.visitor_file(repo, name)
     except fetch.DownloadError as error:
         raise ValueError(str(error)) from None
 

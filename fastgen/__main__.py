@@ -85,7 +85,8 @@ def compare(args) -> int:
         guidance=dict(args.guidance) or None,
         loras=[dict(zip(("repo", "weight_name", "scale"), lora)) for lora in args.lora] or None),
         family=family, trusted=True)  # your own machine: any model, any LoRA
-    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
+    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget,
+                    cuda_graphs=args.cuda_graphs)
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())
     lines = {}
@@ -141,7 +142,8 @@ def refine(args) -> int:
         guidance=dict(args.guidance) or None, keep_outside=args.keep_outside, resize=args.resize), family=family)
     image = _open_image(args.image, "image", "RGB")
     mask = _open_image(args.mask, "mask", "L") if args.mask else None
-    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget)
+    engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget,
+                    cuda_graphs=args.cuda_graphs)
     comparison = engine.refine_compare(family, image, request.prompt, list(request.methods), mask=mask,
                                        **request.engine_kwargs(), on_step=_progress())
     lines = {}
@@ -177,6 +179,7 @@ def bench(args) -> int:
         try:
             report = benchmark.run(family, methods, size=args.size or (None, None), steps=dict(args.steps) or None,
                                    repeats=args.repeats, device=args.device, dtype=args.dtype, compile=args.compile,
+                                   channels_last=args.channels_last, cuda_graphs=args.cuda_graphs,
                                    memory_budget=args.memory_budget, check_finite=args.check_finite,
                                    progress=progress)
         finally:
@@ -332,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if present)")
         p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)")
         p.add_argument("--memory-budget", help="bytes the component cache may hold, e.g. 12GB")
+        p.add_argument("--cuda-graphs", action="store_true", default=None,
+                       help="replay the UNets and text encoders as CUDA graphs: same pixels, less launch overhead "
+                            "(default: FASTGEN_CUDA_GRAPHS=1)")
 
     p = commands.add_parser("compare", help="run methods on one prompt and seed, side by side")
     p.add_argument("prompt")
@@ -371,7 +377,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help="WxH for every method, or native (default)")
     p.add_argument("--steps", type=_pairs(int), action="append", default=[], metavar="METHOD=N")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method after one warm-up (default 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each UNet (compiled in the warm-up run)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each UNet's repeated blocks (regional; "
+                                                          "compiled in the warm-up run, reported apart)")
+    p.add_argument("--channels-last", action="store_true", help="each UNet in the channels_last memory format")
     p.add_argument("--check-finite", action="store_true",
                    help="check that no module returns NaN or inf in the warm-up run (the fp16 path)")
     p.add_argument("--meta", action="store_true", help="synthetic families: load every method on the meta device "

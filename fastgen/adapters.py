@@ -37,7 +37,13 @@ def clean_twin(module):
     import itertools
 
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, shared)
+    # a CUDA graph replacing a module's forward (fastgen.graphs) belongs to the original: the twin is captured anew
+    replaced = {m: m.__dict__.pop("forward") for m in module.modules() if "forward" in m.__dict__}
+    try:
+        return copy.deepcopy(module, shared)
+    finally:
+        for m, forward in replaced.items():
+            m.forward = forward
 
 
 def switch(unet, adapters: list[str], scales: list[float] | None = None) -> None:

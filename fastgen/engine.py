@@ -16,13 +16,14 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fastgen import fetch, hub, synthetic
+from fastgen import fetch, graphs, hub, synthetic
 from fastgen.adapters import Adapters
 from fastgen.cache import ComponentCache, component_class, default_budget
 from fastgen.hub import MissingWeightsError
@@ -195,11 +196,19 @@ class Engine:
     """Loads methods through a shared `ComponentCache` and runs them with their recipes.
 
     `memory_budget`: bytes (or "8GB") the cache may hold; default 80% of GPU memory on CUDA, of RAM on CPU.
+    `cuda_graphs`: replay the UNets and text encoders as CUDA graphs (fastgen.graphs; no pixel changes); default
+    FASTGEN_CUDA_GRAPHS=1 on a CUDA device.
     """
 
-    def __init__(self, device: str | None = None, dtype=None, memory_budget: int | str | None = None):
+    def __init__(self, device: str | None = None, dtype=None, memory_budget: int | str | None = None,
+                 cuda_graphs: bool | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        on_cuda = self.device.startswith("cuda")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"`cuda_graphs` needs a CUDA device, got {self.device!r}")
+        self.cuda_graphs = on_cuda and (os.environ.get("FASTGEN_CUDA_GRAPHS") == "1" if cuda_graphs is None
+                                        else cuda_graphs)
         budget = default_budget(self.device) if memory_budget is None else memory_budget
         self.cache = ComponentCache(budget=budget, device=self.device)
         self.adapters = Adapters(self.cache)  # LoRAs on the cache's shared UNets
@@ -299,6 +308,8 @@ class Engine:
         unet = self.cache.entry(plan["unet"][0]) if not keys and "unet" in plan else None
         if unet is not None and unet.clean is not None:  # no adapter this run: the UNet's plain layers
             pipe.register_modules(unet=unet.clean)
+        if self.cuda_graphs:
+            graphs.attach(pipe)
         return pipe, sorted(pinned), keys, [scale for _, _, scale, _, _ in loras]
 
     def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,

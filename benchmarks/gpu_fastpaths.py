@@ -100,6 +100,31 @@ def profile(pipe, kwargs: dict, size: int, device: str) -> dict:
             "gpu_busy_share": round(busy / wall, 3) if wall else None}
 
 
+def markdown(report: dict) -> str:
+    """The report as docs/benchmarks.md shows it: one table per case, each stage on top of the ones above it."""
+    m = report["machine"]
+    lines = [f"### Fast paths, {report['family']} on {report['device']}, {report['dtype']}", "",
+             f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; torch {m['torch']}, "
+             f"diffusers {m['diffusers']}"]
+    for case in report["cases"].values():
+        lines += ["", f"**{case['method']}, {case['steps']} steps, {case['size']}x{case['size']}**"]
+        p = case.get("profile", {})
+        if "wall_seconds" in p:
+            lines += ["", f"Profiled over {p['steps']} steps: {p['wall_seconds']:.3f} s wall, the GPU busy "
+                          f"{p['gpu_busy_seconds']:.3f} s of it ({p['gpu_busy_share']:.0%}), {p['kernels']:,} kernels."]
+        lines += ["", "| stage | median s | min s | max s | first run s | pixels moved (0-255): mean / max |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for s in case["stages"]:
+            if "error" in s:
+                lines.append(f"| {s['stage']} | failed: {s['error']} | | | | |")
+                continue
+            moved = s.get("pixels_moved")
+            moved = f"{moved['mean']} / {moved['max']}" if moved else "-"
+            lines.append(f"| {s['stage']} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | "
+                         f"{s['first_seconds']:.2f} | {moved} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", default="synthetic-sdxl")
@@ -167,20 +192,7 @@ def main(argv=None) -> int:
     for f in reversed(fast):
         f.remove()
 
-    for name, case in report["cases"].items():
-        print(f"\n{name}: {case['method']}, {case['steps']} steps, {case['size']}x{case['size']}")
-        p = case.get("profile", {})
-        if "wall_seconds" in p:
-            print(f"  profile ({p['steps']} steps): wall {p['wall_seconds']:.3f} s, GPU busy {p['gpu_busy_seconds']:.3f} s "
-                  f"({p['gpu_busy_share']:.0%}), {p['kernels']} kernels")
-        for s in case["stages"]:
-            if "error" in s:
-                print(f"  {s['stage']}: failed: {s['error']}")
-            else:
-                moved = s.get("pixels_moved")
-                print(f"  {s['stage']}: median {s['median']:.3f} s (min {s['min']:.3f}, max {s['max']:.3f}, first "
-                      f"{s['first_seconds']:.2f})" + (f"; pixels moved {moved['mean']} mean, {moved['max']} max"
-                                                      if moved else ""))
+    print(markdown(report))
     save()
     return 0
 

@@ -111,9 +111,16 @@ def render(scene: Scene, rng: np.random.Generator | None = None, extent: float |
 
 def coverage(shape: str, extent: float, center: tuple[float, float]) -> np.ndarray:
     """Fraction of each pixel the shape covers, by supersampling."""
-    n = IMAGE_SIZE * SUPERSAMPLE
-    coords = (np.arange(n, dtype=np.float32) + 0.5) / SUPERSAMPLE
-    y, x = np.meshgrid(coords, coords, indexing="ij")
+    return coverage_window(shape, extent, center, (0, IMAGE_SIZE, 0, IMAGE_SIZE))
+
+
+def coverage_window(shape: str, extent: float, center: tuple[float, float], window: tuple[int, int, int, int],
+                    supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """`coverage` over the pixels rows y0:y1, columns x0:x1 of the frame only (window = (y0, y1, x0, x1))."""
+    y0, y1, x0, x1 = window
+    ys = y0 + (np.arange((y1 - y0) * supersample, dtype=np.float32) + 0.5) / supersample
+    xs = x0 + (np.arange((x1 - x0) * supersample, dtype=np.float32) + 0.5) / supersample
+    y, x = np.meshgrid(ys, xs, indexing="ij")
     cx, cy = center
     half = extent / 2
     if shape == "circle":
@@ -124,7 +131,7 @@ def coverage(shape: str, extent: float, center: tuple[float, float]) -> np.ndarr
         top, bottom = cy - half, cy + half
         rel = (y - top) / extent  # 0 at the apex, 1 at the base
         inside = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= rel * half)
-    return inside.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+    return inside.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))
 
 
 def render_dataset(scenes: list[Scene], count: int, seed: int) -> tuple[np.ndarray, list[Scene]]:

@@ -146,6 +146,33 @@ def evaluate_refine(engine, draft: str, draft_steps: int, refiner: str, strength
     return scores
 
 
+def vae_round_trip(vae, count: int = 300, seed: int = 5) -> dict:
+    """Renders of random scenes through the VAE and back (the latent's mean, decoded): how the two readings score
+    the reconstructions, and the mean absolute error (0-255) over all pixels and over the shapes' edges (pixels
+    a render anti-aliases, and their neighbours). The ceiling on what any model decoding through this VAE can
+    draw: a shape the VAE itself softens cannot come out crisp."""
+    import torch
+    from scipy import ndimage
+
+    from .world import all_scenes, render_dataset
+
+    images, scenes = render_dataset(all_scenes(), count, seed)
+    decoded = []
+    with torch.no_grad():
+        for start in range(0, count, 50):
+            batch = torch.from_numpy(images[start:start + 50]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            batch = batch.to(vae.device, vae.dtype)
+            out = vae.decode(vae.encode(batch).latent_dist.mean).sample
+            decoded.append(((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    decoded = np.concatenate(decoded)
+    accuracy, _ = score_images(list(decoded), scenes)
+    error = np.abs(decoded.astype(np.float32) - images.astype(np.float32)).mean(axis=-1)
+    edges = np.stack([ndimage.binary_dilation(ndimage.morphological_gradient(img.sum(-1), size=2) > 0)
+                      for img in images.astype(np.int32)])
+    return {"images": count, "accuracy": accuracy, "error_all": float(error.mean()),
+            "error_edges": float(error[edges].mean()), "error_flat": float(error[~edges].mean())}
+
+
 def shape_mask(image: np.ndarray, grow: int = 2):
     """White where the drawn shape is (pixels clearly off the background colour), grown by `grow` pixels to take
     in its soft edge: the mask a user paints over the shape."""

@@ -2,6 +2,7 @@
 
     python -m fastgen.mini.report --prompts 34 --picture docs/mini_steps.png
     python -m fastgen.mini.report --refine --prompts 16    # drafts refined, against the baseline at 50 steps
+    python -m fastgen.mini.report --vae                    # renders through the VAE and back: its ceiling
 
 Prints a Markdown table: accuracy (all attributes correct) on seen / held-out combinations in the lenient and
 the strict reading (fastgen.mini.analyzer), the
@@ -82,6 +83,25 @@ def refine_table(engine, prompts: int) -> str:
     return "\n".join(rows)
 
 
+def vae_table(count: int = 300) -> str:
+    """Renders through the shipped VAE and back, scored like generated images: the ceiling the VAE sets."""
+    from diffusers import AutoencoderKL
+
+    from . import WEIGHTS
+    from .evaluate import vae_round_trip
+
+    r = vae_round_trip(AutoencoderKL.from_pretrained(WEIGHTS / "base" / "vae").eval(), count)
+    a = r["accuracy"]
+    return "\n".join([
+        f"{r['images']} renders through the VAE and back (latent mean, float32):",
+        "| reading | background | color | shape | size | all |", "|---|---:|---:|---:|---:|---:|",
+        f"| lenient | {a['background']:.3f} | {a['color']:.3f} | {a['shape']:.3f} | {a['size']:.3f} | {a['all']:.3f} |",
+        f"| strict | {a['strict_background']:.3f} | {a['strict_color']:.3f} | {a['strict_shape']:.3f} | "
+        f"{a['strict_size']:.3f} | {a['strict']:.3f} |",
+        "", f"mean absolute error (0-255): {r['error_all']:.2f} over all pixels, {r['error_edges']:.2f} on the "
+            f"shapes' edges, {r['error_flat']:.2f} elsewhere"])
+
+
 def picture(engine, path: str, seed: int = 0) -> None:
     """One prompt, one row per method, one column per step count (the base's 25 and 50 at the right)."""
     from PIL import Image, ImageDraw
@@ -111,9 +131,14 @@ def main(argv=None):
     parser.add_argument("--picture", help="also draw one prompt across methods and steps to this PNG")
     parser.add_argument("--refine", action="store_true", help="measure refining fast drafts instead (the refine "
                                                               "table)")
+    parser.add_argument("--vae", action="store_true", help="measure the VAE's round trip on renders instead")
     args = parser.parse_args(argv)
-    engine = Engine(device="cpu")
     start = time.perf_counter()
+    if args.vae:
+        print(vae_table())
+        print(f"({time.perf_counter() - start:.0f} s)")
+        return
+    engine = Engine(device="cpu")
     if args.picture:
         picture(engine, args.picture)
     print(refine_table(engine, args.prompts) if args.refine else table(engine, args.prompts))

@@ -74,10 +74,11 @@ def test_render_sizes_follow_the_words(size):
 
 def test_analyzer_reads_rendered_images_at_least_99_percent_per_attribute():
     images, scenes = render_dataset(all_scenes(), 600, seed=11)
-    accuracy, distance = score_images(list(images), scenes)
+    accuracy, _ = score_images(list(images), scenes, distance=False)
     for attribute in ATTRIBUTES:
         assert accuracy[attribute] >= 0.99, (attribute, accuracy)
         assert accuracy[f"strict_{attribute}"] >= 0.99, (attribute, accuracy)  # renders are what "crisp" means
+    _, distance = score_images(list(images[:150]), scenes[:150])
     assert distance < 0.05  # renders are as close to renders as it gets
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg, ndimage
 
-from .world import COLORS, PALETTE, SHAPES, Scene, coverage, coverage_window
+from .world import COLORS, PALETTE, SHAPES, Scene, coverage_window
 
 ATTRIBUTES = ("background", "color", "shape", "size")
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
@@ -131,10 +131,14 @@ def analyze(image: np.ndarray, strict: bool = True) -> Reading:
 def _closest_shape(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: float) -> str:
     """The shape whose ideal outline, drawn over the region's bounding box, overlaps it best (IoU)."""
     center = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+    reach = int(np.ceil(extent / 2)) + 2  # every template lies within its extent around the centre
+    window = (max(0, int(center[1]) - reach), min(mask.shape[0], int(center[1]) + reach + 1),
+              max(0, int(center[0]) - reach), min(mask.shape[1], int(center[0]) + reach + 1))
+    region = mask[window[0]:window[1], window[2]:window[3]]  # the whole region: the window holds its box
     best, best_iou = SHAPES[0], -1.0
     for shape in SHAPES:
-        template = coverage(shape, extent, center) > 0.5
-        iou = (template & mask).sum() / max(1, (template | mask).sum())
+        template = coverage_window(shape, extent, center, window) > 0.5
+        iou = (template & region).sum() / max(1, (template | region).sum())
         if iou > best_iou:
             best, best_iou = shape, iou
     return best

@@ -58,17 +58,19 @@ def _reference_features(scenes: tuple[Scene, ...]) -> np.ndarray:
     return features
 
 
-def score_images(images: list[np.ndarray], scenes: list[Scene]) -> tuple[dict[str, float], float]:
+def score_images(images: list[np.ndarray], scenes: list[Scene], distance: bool = True
+                 ) -> tuple[dict[str, float], float | None]:
     """(accuracy per attribute and "all" in the lenient reading, the same as "strict_<attribute>" and "strict"
-    in the strict one, Fréchet distance to renders of the same prompts)."""
+    in the strict one, Fréchet distance to renders of the same prompts, or None with `distance=False`)."""
     readings = [analyze(image) for image in images]
     accuracy = {}
     for prefix, strict in (("", False), ("strict_", True)):
         hits = np.array([[r.matches(s, strict)[a] for a in ATTRIBUTES] for r, s in zip(readings, scenes)], float)
         accuracy.update({prefix + a: float(hits[:, i].mean()) for i, a in enumerate(ATTRIBUTES)})
         accuracy["strict" if strict else "all"] = float(hits.all(axis=1).mean())
-    distance = frechet_distance(np.stack([r.features for r in readings]), reference_features(scenes))
-    return accuracy, distance
+    if not distance:
+        return accuracy, None
+    return accuracy, frechet_distance(np.stack([r.features for r in readings]), reference_features(scenes))
 
 
 def evaluate(engine, method: str, steps: int | None = None, guidance: float | None = None, prompts: int = 32,
@@ -165,7 +167,7 @@ def vae_round_trip(vae, count: int = 300, seed: int = 5) -> dict:
             out = vae.decode(vae.encode(batch).latent_dist.mean).sample
             decoded.append(((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     decoded = np.concatenate(decoded)
-    accuracy, _ = score_images(list(decoded), scenes)
+    accuracy, _ = score_images(list(decoded), scenes, distance=False)
     error = np.abs(decoded.astype(np.float32) - images.astype(np.float32)).mean(axis=-1)
     edges = np.stack([ndimage.binary_dilation(ndimage.morphological_gradient(img.sum(-1), size=2) > 0)
                       for img in images.astype(np.int32)])

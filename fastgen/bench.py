@@ -222,12 +222,12 @@ def overhead(engine, family: Family, method: str, *, width: int, height: int, st
     the plain diffusers pipeline call of the same recipe over the same modules, alternating the two."""
     import torch
 
-    from fastgen.engine import call_kwargs
+    from fastgen.engine import call_kwargs, plain_class
 
     spec = family.method(method).at_steps(steps)
     pipe, *_ = engine._pipeline(family, spec)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own: schedulers hold run state
-    plain = type(pipe)(**{**pipe.components, "scheduler": scheduler})
+    plain = plain_class(pipe)(**{**pipe.components, "scheduler": scheduler})
     plain.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=steps, guidance_scale=spec.guidance, width=width, height=height,
                   **call_kwargs(spec))

@@ -184,6 +184,22 @@ def call_kwargs(spec: MethodSpec) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.call_kwargs}
 
 
+@functools.cache
+def placed(pipeline_cls):
+    """`pipeline_cls` with its execution device given rather than searched for. diffusers looks for offloading
+    hooks in every submodule of every component on each call (7.5 ms a call for the mini family on this
+    project's CPU, 24 ms for SDXL), and the engine never offloads: its modules are on its device. Same name, same
+    behaviour otherwise; `plain_class` gives the class back."""
+    return type(pipeline_cls.__name__, (pipeline_cls,), {
+        "__module__": pipeline_cls.__module__, "__doc__": pipeline_cls.__doc__, "fastgen_plain": pipeline_cls,
+        "_execution_device": property(lambda self: self.fastgen_device)})
+
+
+def plain_class(pipe):
+    """The diffusers class an engine pipeline was made from."""
+    return getattr(type(pipe), "fastgen_plain", type(pipe))
+
+
 def _is_module(cls) -> bool:
     import torch
 
@@ -363,16 +379,18 @@ class Engine:
                 raise MissingWeightsError([style.repo], family=None)
         return where
 
-    @staticmethod
-    def _construct(pipeline_cls, model_index: dict, parts: dict, scheduler):
+    def _construct(self, pipeline_cls, model_index: dict, parts: dict, scheduler):
         """The pipeline object over cached modules: what from_pretrained builds, minus the loading. Empty
         slots (safety_checker: [null, null]) stay None; flags such as requires_safety_checker come from
-        model_index.json."""
+        model_index.json. Its class is `pipeline_cls` told the engine's device (`placed`)."""
         accepted = inspect.signature(pipeline_cls.__init__).parameters
         kwargs = {name: None for name in model_index if name in accepted and isinstance(model_index[name], list)}
         kwargs.update({k: v for k, v in model_index.items() if k in accepted and not isinstance(v, list)})
         kwargs.update(parts, scheduler=scheduler)
-        pipe = pipeline_cls(**kwargs)
+        import torch
+
+        pipe = placed(pipeline_cls)(**kwargs)
+        pipe.fastgen_device = torch.device(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

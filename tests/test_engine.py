@@ -184,6 +184,26 @@ def test_result_fields(engine):
     assert data["image"] == "turbo.png" and "image" not in {k for k, v in data.items() if not isinstance(v, str)}
 
 
+def test_pipelines_are_told_their_device_instead_of_searching_every_module(engine, monkeypatch):
+    import diffusers
+    import diffusers.hooks.group_offloading
+
+    searched = []
+
+    def search(module):
+        searched.append(type(module).__name__)
+        raise ValueError("no group offloading")
+
+    monkeypatch.setattr(diffusers.hooks.group_offloading, "_get_group_onload_device", search)
+    family = get_family("sdxl")
+    pipe, *_ = engine._pipeline(family, family.method("turbo"))
+    assert pipe._execution_device == torch.device("cpu") and searched == []
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert engine_module.plain_class(pipe) is diffusers.StableDiffusionXLPipeline
+    plain = engine_module.plain_class(pipe)(**pipe.components)
+    assert plain._execution_device == torch.device("cpu") and len(searched) >= 4  # every module component
+
+
 def test_second_run_is_served_from_the_cache(fake_hub):
     fresh = Engine(device="cpu")
     first = fresh.run("sd15", "turbo", PROMPT, **SIZE)

@@ -116,6 +116,7 @@ class Graphed:
                 logger.warning("CUDA graph capture of %s failed, running it eagerly: %s", type(self.module).__name__,
                                error)
                 self.remove()
+                self.module._fastgen_eager = True  # `attach` leaves it alone on later runs
                 return self.eager(*args, **kwargs)
         graph, inputs, out = self.graphs[key]
         for static, given in zip(inputs, tensors((args, kwargs))):
@@ -127,4 +128,5 @@ class Graphed:
 def attach(pipe) -> list[Graphed]:
     """Graph the pipeline's UNet and text encoders (those it has), in place on the cached modules."""
     modules = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
-    return [Graphed.on(m) for m in modules if m is not None and not has_adapters(m)]
+    return [Graphed.on(m) for m in modules
+            if m is not None and not has_adapters(m) and not getattr(m, "_fastgen_eager", False)]

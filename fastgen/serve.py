@@ -126,19 +126,24 @@ class Methods:
         self.family, self.methods = get_family(family), list(methods)
         self.engine = Engine(device=device)
 
-    def run(self, request: dict) -> dict:
+    # The handlers are async and run the engine in a worker thread: a sync handler would hold the replica's event
+    # loop, so a panel that finished (LCM-LoRA) would not be sent until the next one on the same replica (the
+    # reference, which shares its UNet) had finished too. The engine's run lock still runs one panel at a time.
+    async def run(self, request: dict) -> dict:
         """One panel: the compare fields for one method (checked again here, as every engine call is)."""
         start, method = time.time(), request.pop("method")
-        outcome = next(self.engine.iter_compare(self.family, request.pop("prompt"), [method], **request))
+        outcome = await asyncio.to_thread(
+            lambda: next(self.engine.iter_compare(self.family, request.pop("prompt"), [method], **request)))
         return self.served(outcome, start)
 
-    def refine(self, request: dict) -> dict:
+    async def refine(self, request: dict) -> dict:
         start, method = time.time(), request.pop("method")
         image = from_png64(request.pop("image"))
         mask = request.pop("mask", None)
         mask = None if mask is None else from_png64(mask, "mask")
-        outcome = next(self.engine.iter_refine(self.family, image, request.pop("prompt"), [method], mask=mask,
-                                               **request))
+        outcome = await asyncio.to_thread(
+            lambda: next(self.engine.iter_refine(self.family, image, request.pop("prompt"), [method], mask=mask,
+                                                 **request)))
         return self.served(outcome, start)
 
     @staticmethod
@@ -182,7 +187,8 @@ class CustomModels:
         held = await self.model(base)  # Serve's LRU: loaded now, or kept since its last use
         self.held = [b for b in self.held if b != base][-(CUSTOM_MODELS_PER_REPLICA - 1):] + [base]
         start, method = time.time(), request.pop("method")
-        outcome = next(held.engine.iter_compare(held.family, request.pop("prompt"), [method], **request))
+        outcome = await asyncio.to_thread(  # off the event loop, as in Methods
+            lambda: next(held.engine.iter_compare(held.family, request.pop("prompt"), [method], **request)))
         return Methods.served(outcome, start)
 
     def health(self) -> dict:

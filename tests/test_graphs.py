@@ -64,6 +64,8 @@ def test_modules_with_adapters_are_not_graphed_and_a_twin_leaves_the_graph_behin
     assert "forward" not in twin.__dict__ and plain.__dict__["forward"] is graphed[0]
     graphed[0].remove()
     assert "forward" not in plain.__dict__
+    plain._fastgen_eager = True  # what a failed capture leaves: never graphed again
+    assert graphs.attach(Pipe(plain)) == [] and "forward" not in plain.__dict__
 
 
 def test_the_engine_turns_graphs_on_only_on_cuda(monkeypatch, capsys):

@@ -69,3 +69,20 @@ def test_boundary_condition_and_guidance_embedding_match_diffusers():
     w = torch.tensor([0.0, 3.0, 7.0])
     reference = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
     assert np.allclose(_guidance_embedding(w, 256).numpy(), reference.numpy(), atol=1e-5)
+
+
+def test_the_vae_loss_can_weigh_the_shapes_edges():
+    from fastgen.mini.world import Scene, render
+
+    image = render(Scene("large", "white", "square", "black"), np.random.default_rng(0))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    edges = train.edge_map(x)[0, 0].numpy().astype(bool)
+    ys, xs = np.nonzero(image[..., 0] > 128)
+    assert edges[ys.min(), (xs.min() + xs.max()) // 2]  # the top side
+    assert not edges[(ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2] and not edges[1, 1]  # inside, outside
+    at_edge, inside = x.clone(), x.clone()
+    at_edge[..., ys.min(), xs.min():xs.max()] -= 0.5
+    inside[..., (ys.min() + ys.max()) // 2, xs.min():xs.max()] -= 0.5  # the same error, away from the edges
+    plain = [train.reconstruction_loss(r, x) for r in (at_edge, inside)]
+    weighted = [train.reconstruction_loss(r, x, edge_weight=4.0) for r in (at_edge, inside)]
+    assert torch.isclose(plain[0], plain[1]) and weighted[0] > 2 * weighted[1]

@@ -68,12 +68,11 @@ def post(url, path, body):
     import httpx
 
     with httpx.Client(timeout=300) as client:
-        start = time.perf_counter()
         with client.stream("POST", url + path, json=body) as reply:
             lines = []
             for line in reply.iter_lines():
-                if line.strip():
-                    lines.append((time.perf_counter() - start, json.loads(line)))
+                if line.strip():  # with its arrival, on the clock the replicas stamp `served` with
+                    lines.append((time.time(), json.loads(line)))
             return reply.status_code, lines
 
 
@@ -85,8 +84,10 @@ def test_compare_streams_the_in_process_images_as_they_finish(served, one_thread
     order = [line["method"] for _, line in lines]
     assert sorted(order) == ["baseline", "lcm", "lcm-lora", "turbo"]
     assert order[-1] == "baseline"  # the 20-step baseline finishes last
-    ends = [line["served"]["end"] for _, line in lines]
-    assert ends == sorted(ends)  # each line arrives when its panel finishes, not when the slowest does
+    # each line arrives when its panel finishes, not when the slowest does (which one of the three fast panels
+    # comes first can change with this 2-core machine's scheduling, so their order is not asserted)
+    slowest = lines[-1][1]["served"]["end"]
+    assert all(arrived < slowest for arrived, line in lines[:-1])
     assert lines[0][0] < lines[-1][0] - 0.2
     # warm now: two panels of one comparison, on two replicas, run at the same time
     status, warm = post(served, "/compare", {"prompt": PROMPT, "seed": 6, "methods": ["lcm", "baseline"]})

@@ -2,7 +2,7 @@
 
     python -m fastgen.mini.report --prompts 34 --picture docs/mini_steps.png
     python -m fastgen.mini.report --refine --prompts 16    # drafts refined, against the baseline at 50 steps
-    python -m fastgen.mini.report --vae                    # renders through the VAE and back: its ceiling
+    python -m fastgen.mini.report --vae [FOLDER]           # renders through a VAE and back: its ceiling
 
 Prints a Markdown table: accuracy (all attributes correct) on seen / held-out combinations in the lenient and
 the strict reading (fastgen.mini.analyzer), the
@@ -83,14 +83,16 @@ def refine_table(engine, prompts: int) -> str:
     return "\n".join(rows)
 
 
-def vae_table(count: int = 300) -> str:
-    """Renders through the shipped VAE and back, scored like generated images: the ceiling the VAE sets."""
+def vae_table(folder=None, count: int = 300) -> str:
+    """Renders through a VAE (default: the shipped one) and back, scored like generated images: the ceiling the
+    VAE sets."""
     from diffusers import AutoencoderKL
 
     from . import WEIGHTS
     from .evaluate import vae_round_trip
 
-    r = vae_round_trip(AutoencoderKL.from_pretrained(WEIGHTS / "base" / "vae").eval(), count)
+    vae = AutoencoderKL.from_pretrained(folder or WEIGHTS / "base" / "vae").eval()
+    r = vae_round_trip(vae, count)
     a = r["accuracy"]
     return "\n".join([
         f"{r['images']} renders through the VAE and back (latent mean, float32):",
@@ -131,11 +133,13 @@ def main(argv=None):
     parser.add_argument("--picture", help="also draw one prompt across methods and steps to this PNG")
     parser.add_argument("--refine", action="store_true", help="measure refining fast drafts instead (the refine "
                                                               "table)")
-    parser.add_argument("--vae", action="store_true", help="measure the VAE's round trip on renders instead")
+    parser.add_argument("--vae", nargs="?", const="", metavar="FOLDER",
+                        help="measure a VAE's round trip on renders instead (default: the shipped VAE; a freshly "
+                             "trained one is in runs/mini/vae)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.vae:
-        print(vae_table())
+    if args.vae is not None:
+        print(vae_table(args.vae or None))
         print(f"({time.perf_counter() - start:.0f} s)")
         return
     engine = Engine(device="cpu")

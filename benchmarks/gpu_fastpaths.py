@@ -24,16 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastgen.bench import sync  # noqa: E402
 from fastgen.graphs import Graphed  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class Bfloat16Decode:
@@ -68,11 +62,11 @@ def timed(pipe, kwargs: dict, size: int, repeats: int, device: str):
     import torch
 
     def once():
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         image = pipe(PROMPT, width=size, height=size, generator=torch.Generator("cpu").manual_seed(0),
                      **kwargs).images[0]
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, np.asarray(image).astype(np.int16)
 
     first, _ = once()
@@ -88,11 +82,11 @@ def profile(pipe, kwargs: dict, size: int, device: str) -> dict:
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    _sync(device)
+    sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         pipe(PROMPT, width=size, height=size, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
     busy = sum(getattr(e, "device_time", 0) or 0 for e in kernels) / 1e6

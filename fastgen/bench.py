@@ -145,7 +145,8 @@ def _finite_hooks(modules: dict, seen: list):
             for part, module in modules.items() for name, sub in module.named_modules()]
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that a wall-clock time covers it."""
     if device.startswith("cuda"):
         import torch
 
@@ -233,15 +234,15 @@ def overhead(engine, family: Family, method: str, *, width: int, height: int, st
                   **call_kwargs(spec))
     engine_seconds, plain_seconds = [], []
     for _ in range(repeats):
-        _sync(engine.device)
+        sync(engine.device)
         start = time.perf_counter()
         engine.run(family, method, prompt, seed=seed, width=width, height=height, steps=steps)
-        _sync(engine.device)
+        sync(engine.device)
         engine_seconds.append(time.perf_counter() - start)
         tick()
         start = time.perf_counter()
         plain(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-        _sync(engine.device)
+        sync(engine.device)
         plain_seconds.append(time.perf_counter() - start)
         tick()
     ratio = statistics.median(engine_seconds) / statistics.median(plain_seconds)

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg, ndimage
 
-from .world import COLORS, PALETTE, SHAPES, Scene, coverage_window
+from .world import COLORS, PALETTE, SHAPES, SUPERSAMPLE, Scene, coverage_window
 
 ATTRIBUTES = ("background", "color", "shape", "size")
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
 _MIN_DISTANCE = 60.0  # RGB distance from the background that counts as "shape"; palette pairs are >= 100 apart
 _SMALL_LARGE_SPLIT = 26.0  # px: small shapes span 14-22, large 30-44
 _N_FEATURES = 13
+_MIN_AREA = 20  # px: a smaller region is a speck, not a shape
 # The strict reading's bars, set on rendered images (every render passes them; tests/test_mini_world.py) and on
 # the hand-checked generated images in tests/data/mini_checked/ (each kind of failure falls short of one).
 STRICT_FIT = 0.83  # IoU with the best-fitting ideal outline (renders: 0.97 and up)
@@ -92,18 +93,13 @@ def analyze(image: np.ndarray, strict: bool = True) -> Reading:
 
     # 2. Shape pixels: the largest connected region that stands out from the background.
     distance = np.linalg.norm(image - background_rgb, axis=-1)
-    labels, count = ndimage.label(distance > _MIN_DISTANCE)
+    strictly = _strict(image, distance, background, background_rgb) if strict else None
     features = np.zeros(_N_FEATURES, dtype=np.float32)
     features[:3] = background_rgb / 255
-    if count == 0:
-        return Reading(background, None, None, None, features,
-                       _strict(image, distance, background, background_rgb) if strict else None)
-    sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
-    mask = labels == (1 + int(np.argmax(sizes)))
+    mask = _largest_region(distance > _MIN_DISTANCE)
+    if mask is None:
+        return Reading(background, None, None, None, features, strictly)
     area = float(mask.sum())
-    if area < 20:  # a speck, not a shape
-        return Reading(background, None, None, None, features,
-                       _strict(image, distance, background, background_rgb) if strict else None)
 
     # 3. Shape colour: the median of the region's core, away from anti-aliased edges.
     core = mask & (distance > 0.6 * distance[mask].max())
@@ -124,8 +120,24 @@ def analyze(image: np.ndarray, strict: bool = True) -> Reading:
     features[3:6] = shape_rgb / 255
     features[6:13] = (extent / 64, fill, top_share, xs.mean() / 64, ys.mean() / 64,
                       float(distance[mask].mean()) / 255, float(edge.sum()) / area)
-    return Reading(background, color, shape, size, features,
-                       _strict(image, distance, background, background_rgb) if strict else None)
+    return Reading(background, color, shape, size, features, strictly)
+
+
+def _largest_region(pixels: np.ndarray) -> np.ndarray | None:
+    """The largest connected region of `pixels` (a boolean image), or None when it is a speck, not a shape."""
+    labels, count = ndimage.label(pixels)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(np.ones(pixels.shape), labels, index=np.arange(1, count + 1))
+    region = labels == (1 + int(np.argmax(sizes)))
+    return region if region.sum() >= _MIN_AREA else None
+
+
+def _template_iou(shape: str, extent: float, center: tuple[float, float], window, region: np.ndarray,
+                  supersample: int = SUPERSAMPLE) -> float:
+    """IoU of the ideal `shape` (coverage over half) with `region`, both over the frame's `window`."""
+    template = coverage_window(shape, extent, center, window, supersample) > 0.5
+    return (template & region).sum() / max(1, (template | region).sum())
 
 
 def _closest_shape(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: float) -> str:
@@ -135,25 +147,15 @@ def _closest_shape(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, extent: flo
     window = (max(0, int(center[1]) - reach), min(mask.shape[0], int(center[1]) + reach + 1),
               max(0, int(center[0]) - reach), min(mask.shape[1], int(center[0]) + reach + 1))
     region = mask[window[0]:window[1], window[2]:window[3]]  # the whole region: the window holds its box
-    best, best_iou = SHAPES[0], -1.0
-    for shape in SHAPES:
-        template = coverage_window(shape, extent, center, window) > 0.5
-        iou = (template & region).sum() / max(1, (template | region).sum())
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best
+    return max(SHAPES, key=lambda shape: _template_iou(shape, extent, center, window, region))
 
 
 def _strict(image: np.ndarray, distance: np.ndarray, background: str, background_rgb: np.ndarray) -> Strict:
     """The strict reading, on its own: a candidate region found at a low threshold (below half of any palette
     pair's distance), its core's colour, then the outline at half the distance of that colour's pair."""
     nothing = Strict(None, None, None, 0.0, 0.0, 0.0)
-    labels, count = ndimage.label(distance > _CANDIDATE_DISTANCE)
-    if count == 0:
-        return nothing
-    sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
-    candidate = labels == (1 + int(np.argmax(sizes)))
-    if candidate.sum() < 20:
+    candidate = _largest_region(distance > _CANDIDATE_DISTANCE)
+    if candidate is None:
         return nothing
     core = candidate & (distance >= np.percentile(distance[candidate], 60))
     shape_rgb = np.median(image[core], axis=0)
@@ -162,12 +164,8 @@ def _strict(image: np.ndarray, distance: np.ndarray, background: str, background
         return nothing
     pair = float(np.linalg.norm(np.subtract(PALETTE[color], PALETTE[background], dtype=np.float32)))
     contrast = float(np.linalg.norm(shape_rgb - background_rgb)) / pair
-    labels, count = ndimage.label(distance > 0.5 * pair)
-    if count == 0:
-        return Strict(None, None, None, 0.0, 0.0, round(contrast, 3))
-    sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
-    mask = labels == (1 + int(np.argmax(sizes)))
-    if mask.sum() < 20:
+    mask = _largest_region(distance > 0.5 * pair)
+    if mask is None:
         return Strict(None, None, None, 0.0, 0.0, round(contrast, 3))
     fits = {shape: _fit(mask, shape) for shape in SHAPES}
     shape = max(fits, key=lambda k: fits[k][0])
@@ -200,8 +198,7 @@ def _fit(mask: np.ndarray, shape: str) -> tuple[float, float]:
     region = mask[window[0]:window[1], window[2]:window[3]]  # all of the region: the window holds its box
 
     def iou(e, x, y):
-        template = coverage_window(shape, e, (x, y), window, supersample=2) > 0.5  # 2x2 is enough for a fit
-        return (template & region).sum() / max(1, (template | region).sum())
+        return _template_iou(shape, e, (x, y), window, region, supersample=2)  # 2x2 is enough for a fit
 
     best = iou(extent, cx, cy)
     for _ in range(4):  # a few rounds of local search: each step moves one parameter

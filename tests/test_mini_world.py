@@ -176,7 +176,11 @@ def test_evaluation_prompt_set_is_fixed_and_split():
     assert first == second
     seen, held = split_scenes()
     assert set(first["seen"]) <= set(seen) and set(first["held-out"]) <= set(held)
-    assert len(evaluation_scenes(100)["held-out"]) == len(held)
+    assert first["seen"] == evaluation_scenes(40)["seen"][:8]  # a longer set extends a shorter one
+    assert len(set(first["seen"])) == 8
+    # Past the 34 held-out combinations the shuffle repeats: 68 prompts draw each of them twice.
+    twice = evaluation_scenes(68)["held-out"]
+    assert len(twice) == 68 and twice[:34] == twice[34:] and set(twice) == set(held)
     with pytest.raises(ValueError, match="at least 2"):
         evaluation_scenes(1)
 
@@ -210,3 +214,33 @@ def test_the_vae_round_trip_scores_what_comes_back():
     assert blurred["error_edges"] > 5 * blurred["error_flat"] and blurred["error_edges"] > 10
     # a symmetric blur moves no half-way contour: the strict reading still sees the same outlines
     assert blurred["accuracy"]["strict_shape"] >= 0.95
+
+
+def test_the_targets_table_scores_only_the_targets_rows_on_every_prompt_asked(monkeypatch):
+    """`python -m fastgen.mini.report --targets --prompts 68`, with a stand-in engine that renders each prompt
+    (drawn with its own seed): four rows, every prompt of both splits drawn once, held-out ones twice."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from fastgen.mini import evaluate as evaluate_module, report
+    from fastgen.mini.world import Scene
+
+    monkeypatch.setattr(evaluate_module, "_REFERENCE_RENDERS", 1)  # the distance's reference set: one render a prompt
+    calls = []
+
+    class Renders:
+        def run(self, family, method, prompt, seed, steps, guidance):
+            calls.append((method, steps, prompt, seed))
+            image = render(Scene.from_prompt(prompt), np.random.default_rng(seed))
+            return SimpleNamespace(image=Image.fromarray(image), seconds=0.01)
+
+    out = report.table(Renders(), 68, report.TARGET_ROWS)
+    rows = out.splitlines()[2:]
+    assert [(r.split(" | ")[0].strip("| "), r.split(" | ")[1]) for r in rows] == [
+        ("Baseline", "50"), ("LCM", "4"), ("LCM-LoRA", "4"), ("Turbo", "1")]
+    assert all(r.split(" | ")[3:7] == ["1.000"] * 4 for r in rows)  # renders: right in both readings
+    baseline = [c for c in calls if c[0] == "baseline"]
+    assert len(baseline) == 2 * 68 and {c[1] for c in baseline} == {50}
+    held = evaluation_scenes(68)["held-out"]
+    assert sum(c[2] == held[0].prompt for c in baseline) == 2  # a held-out combination, twice, with two seeds

@@ -34,14 +34,17 @@ class SplitScore:
 
 
 def evaluation_scenes(count: int) -> dict[str, list[Scene]]:
-    """The fixed prompt set: the first `count` of a fixed shuffle of each split (held-out has 34 at most)."""
+    """The fixed prompt set: the first `count` of a fixed shuffle of each split. Past a split's size (held-out
+    has 34 combinations) the shuffle repeats, so a combination comes back with another seed (prompt i is drawn
+    with seed S + i): 68 prompts score every held-out combination twice."""
     if count < 2:
         raise ValueError(f"`prompts` must be at least 2 (the distance needs a spread), got {count}")
-    seen, held_out = split_scenes()
     rng = np.random.default_rng(_PROMPT_ORDER_SEED)
-    seen = [seen[i] for i in rng.permutation(len(seen))][:count]
-    held_out = [held_out[i] for i in rng.permutation(len(held_out))][:count]
-    return {"seen": seen, "held-out": held_out}
+    sets = {}
+    for split, scenes in zip(("seen", "held-out"), split_scenes()):
+        order = [scenes[i] for i in rng.permutation(len(scenes))]
+        sets[split] = [order[i % len(order)] for i in range(count)]
+    return sets
 
 
 def reference_features(scenes: list[Scene]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Measure the mini family's quality-versus-steps table and draw its picture (for docs/mini.md).
 
     python -m fastgen.mini.report --prompts 34 --picture docs/mini_steps.png
+    python -m fastgen.mini.report --targets --prompts 68   # only the rows part 3's targets name
     python -m fastgen.mini.report --refine --prompts 16    # drafts refined, against the baseline at 50 steps
     python -m fastgen.mini.report --vae [FOLDER]           # renders through a VAE and back: its ceiling
 
@@ -15,10 +16,12 @@ import argparse
 import time
 
 STEPS = {"baseline": (1, 2, 4, 8, 25, 50), "lcm": (1, 2, 4, 8), "lcm-lora": (1, 2, 4, 8), "turbo": (1, 2, 4)}
+TARGET_ROWS = {"baseline": (50,), "lcm": (4,), "lcm-lora": (4,), "turbo": (1,)}  # the rows part 3's targets name
 PICTURE_PROMPT = "a large yellow triangle on a purple background"
 
 
-def table(engine, prompts: int) -> str:
+def table(engine, prompts: int, settings: dict[str, tuple[int, ...]] = STEPS) -> str:
+    """One row per method and step count in `settings` (default: every step count the picture shows)."""
     from fastgen.registry import get_family
 
     from .evaluate import evaluate
@@ -26,7 +29,7 @@ def table(engine, prompts: int) -> str:
     family = get_family("mini")
     rows = ["| method | steps | guidance | accuracy seen | accuracy held-out | strict seen | strict held-out "
             "| distance seen | distance held-out | s/image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, counts in STEPS.items():
+    for method, counts in settings.items():
         spec = family.method(method)
         for steps in counts:
             scores = {s.split: s for s in evaluate(engine, method, steps, None, prompts)}
@@ -129,7 +132,10 @@ def main(argv=None):
     from fastgen.engine import Engine
 
     parser = argparse.ArgumentParser(prog="python -m fastgen.mini.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=34, help="prompts per split (held-out has 34)")
+    parser.add_argument("--prompts", type=int, default=34,
+                        help="prompts per split (held-out has 34 combinations; past 34 they repeat with other seeds)")
+    parser.add_argument("--targets", action="store_true",
+                        help="only the rows the targets name: baseline 50, LCM 4, LCM-LoRA 4, Turbo 1 steps")
     parser.add_argument("--picture", help="also draw one prompt across methods and steps to this PNG")
     parser.add_argument("--refine", action="store_true", help="measure refining fast drafts instead (the refine "
                                                               "table)")
@@ -145,7 +151,8 @@ def main(argv=None):
     engine = Engine(device="cpu")
     if args.picture:
         picture(engine, args.picture)
-    print(refine_table(engine, args.prompts) if args.refine else table(engine, args.prompts))
+    print(refine_table(engine, args.prompts) if args.refine else
+          table(engine, args.prompts, TARGET_ROWS if args.targets else STEPS))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -493,7 +493,7 @@ MINI = Family(
         ),
         MethodSpec(
             name="baseline", refine=BASE_REFINE, label="Baseline", repo=str(MINI_WEIGHTS / "base"),
-            steps=50, guidance=4.0, min_guidance=1.0, max_guidance=10.0, reference=True, **_MINI,
+            steps=50, guidance=2.0, min_guidance=1.0, max_guidance=10.0, reference=True, **_MINI,
         ),
     ),
 )

@@ -118,20 +118,27 @@ def test_base_at_50_steps_meets_its_accuracy_target(scores):
     held, _ = result["held-out"]
     assert seen["all"] >= 0.95, seen
     assert held["all"] >= 0.85, held
+    # Crisp, in the strict reading: 0.90 / 0.80 on these 20 prompts at its default guidance of 2; at the old 4,
+    # which bent the outlines, 0.70 / 0.60 (docs/mini.md, part 3).
+    assert seen["strict"] >= 0.8 and held["strict"] >= 0.75, (seen, held)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fast, slow", [
-    (("lcm", 4), ("baseline", 4)),
-    (("lcm-lora", 4), ("baseline", 4)),
-    (("turbo", 1), ("baseline", 1)),
+@pytest.mark.parametrize("fast, slow, lead", [
+    # At 2 steps: with its default guidance of 2, the base at 4 Euler steps already reads right on ~0.9 of this
+    # world's prompts (docs/mini.md), so 4 steps no longer separates the distilled models from it; 2 does. At 2
+    # steps the base's shapes are there about half the time but blurred: LCM-LoRA's lead is in the distance (4x
+    # closer on 34 prompts) more than in all-correct accuracy (+0.21 / +0.38 on 34 prompts, +0.05 on these 20).
+    (("lcm", 2), ("baseline", 2), 0.15),
+    (("lcm-lora", 2), ("baseline", 2), 0.0),
+    (("turbo", 1), ("baseline", 1), 0.15),
 ])
-def test_distilled_methods_beat_the_base_at_the_same_few_steps(scores, fast, slow):
+def test_distilled_methods_beat_the_base_at_the_same_few_steps(scores, fast, slow, lead):
     for split in ("seen", "held-out"):
         fast_acc, fast_dist = scores(*fast)[split]
         slow_acc, slow_dist = scores(*slow)[split]
-        assert fast_acc["all"] >= slow_acc["all"] + 0.15, (split, fast, fast_acc, slow, slow_acc)
-        assert fast_dist < slow_dist, (split, fast_dist, slow_dist)
+        assert fast_acc["all"] >= slow_acc["all"] + lead, (split, fast, fast_acc, slow, slow_acc)
+        assert fast_dist < slow_dist / 2, (split, fast_dist, slow_dist)
 
 
 def test_cli_compare_offline_draws_the_asked_scene(tmp_path, monkeypatch):

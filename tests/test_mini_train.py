@@ -86,3 +86,27 @@ def test_the_vae_loss_can_weigh_the_shapes_edges():
     plain = [train.reconstruction_loss(r, x) for r in (at_edge, inside)]
     weighted = [train.reconstruction_loss(r, x, edge_weight=4.0) for r in (at_edge, inside)]
     assert torch.isclose(plain[0], plain[1]) and weighted[0] > 2 * weighted[1]
+
+
+def test_a_decoder_only_vae_keeps_the_latent_space_and_replaces_every_shipped_copy(trained, tmp_path):
+    """`train vae --decoder-only`: the encoder and scaling factor stay, so every model trained on the latents still
+    fits; the decoder changes; base and Turbo ship the new VAE byte for byte."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    weights = tmp_path / "weights"
+    shutil.copytree(trained, weights)
+    before = AutoencoderKL.from_pretrained(weights / "base" / "vae")
+    train.main(["vae", "--decoder-only", "--steps", "2", "--images", "96", "--batch", "4", "--lr", "1e-2",
+                "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work")])
+    after = AutoencoderKL.from_pretrained(weights / "base" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    encoder = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(old[k], new[k]) for k in encoder)
+    assert any(not torch.equal(old[k], new[k]) for k in decoder)
+    shipped = "vae/diffusion_pytorch_model.safetensors"
+    assert (weights / "turbo" / shipped).read_bytes() == (weights / "base" / shipped).read_bytes()
+    assert (weights / "base" / shipped).read_bytes() != (trained / "base" / shipped).read_bytes()

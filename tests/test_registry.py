@@ -19,7 +19,7 @@ RECIPES = {
     ("sd15", "turbo"): ("stabilityai/sd-turbo", "default", (1, 1, 4), (0.0, 0, 0), "none", 512),
     ("sd15", "lcm"): ("SimianLuo/LCM_Dreamshaper_v7", "lcm", (4, 1, 8), (8.0, 1, 15), "embedding", 768),
     ("sd15", "lcm-lora"): ("latent-consistency/lcm-lora-sdv1-5", "lcm", (4, 1, 8), (1.0, 1, 2), "cfg", 512),
-    ("mini", "baseline"): ("base", "default", (50, 1, 100), (4.0, 1, 10), "cfg", 64),
+    ("mini", "baseline"): ("base", "default", (50, 1, 100), (2.0, 1, 10), "cfg", 64),
     ("mini", "turbo"): ("turbo", "euler_ancestral", (1, 1, 4), (0.0, 0, 0), "none", 64),
     ("mini", "lcm"): ("lcm", "lcm", (4, 1, 8), (4.0, 1, 8), "embedding", 64),
     ("mini", "lcm-lora"): ("lcm-lora", "lcm", (4, 1, 8), (1.0, 1, 2), "cfg", 64),

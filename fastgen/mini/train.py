@@ -1,6 +1,7 @@
 """Train the mini family, one stage at a time.
 
     python -m fastgen.mini.train vae --seed 0        # AutoencoderKL, 64x64 -> 16x16x4
+    python -m fastgen.mini.train vae --decoder-only  # fine-tune the shipped VAE's decoder, a drop-in for every stage
     python -m fastgen.mini.train base --seed 0       # text encoder + UNet (noise prediction, prompt dropout)
     python -m fastgen.mini.train lcm --seed 0        # latent consistency distillation -> full UNet
     python -m fastgen.mini.train lcm-lora --seed 0   # the same objective, training a LoRA only
@@ -44,13 +45,18 @@ class StageConfig:
     images: int = 40_000  # rendered once per stage from the seen combinations
     # vae
     edge_weight: float = 0.0  # extra reconstruction weight on pixels at the shapes' edges (0: every pixel alike)
+    # Start from the shipped VAE and train its decoder only: the encoder, and so the latent space every other
+    # model of the family was trained in, stays exactly as it is; the new decoder drops in under all of them.
+    decoder_only: bool = False
     # base
     prompt_dropout: float = 0.1  # trains the unconditional branch that classifier-free guidance needs
     ema: float = 0.999
     # distillation
     guidance_min: float = 1.0  # LCM samples the teacher's guidance scale from this range (LCM paper: w ~ U[w_min, w_max])
     guidance_max: float = 8.0
-    guidance: float = 4.0  # LCM-LoRA and Turbo distil from the teacher at the base's default guidance
+    # The teacher's guidance for LCM-LoRA and Turbo. LCM-LoRA's preset is the base's default, 2; Turbo keeps 4, the
+    # recipe it shipped with (teachers at 2 gave it no better one-step student, docs/mini.md).
+    guidance: float = 4.0
     ddim_skip: int = 20  # LCM "skipping-step": the solver jumps k=20 of 1000 steps (50 DDIM steps)
     target_ema: float = 0.95  # LCM target network
     lora_rank: int = 16
@@ -68,7 +74,7 @@ PRESETS = {
     "vae": StageConfig(steps=2500, batch=32, lr=1e-3, images=20_000),
     "base": StageConfig(steps=3000, batch=64, lr=1e-3),
     "lcm": StageConfig(steps=1400, batch=32, lr=1e-4),
-    "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=8, images=8000),
+    "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=16, images=8000, guidance=2.0),
     "turbo": StageConfig(steps=2500, batch=16, lr=1e-4, images=8000, teacher_samples=1024,
                          turbo_prediction="v_prediction"),
 }
@@ -230,31 +236,49 @@ def train_vae(config: StageConfig, seed: int, weights: Path, work: Path, device)
     torch.manual_seed(seed)
     images, _ = _data(config, seed, work)
     data = _images_to_tensor(images, "cpu")
-    vae = models.new_vae().to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    if config.decoder_only:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(weights / "base" / "vae", torch_dtype=torch.float32).to(device).train()
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv.requires_grad_(False)
+        trained = [p for p in vae.parameters() if p.requires_grad]
+    else:
+        vae = models.new_vae().to(device).train()
+        trained = list(vae.parameters())
+    opt = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps))
     generator = torch.Generator().manual_seed(seed)
     log = _Log("vae", config.steps)
     for step in range(config.steps):
         x = data[torch.randint(0, len(data), (config.batch,), generator=generator)].to(device)
-        dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.sample()).sample
+        with torch.set_grad_enabled(not config.decoder_only):
+            dist = vae.encode(x).latent_dist
+            latents = dist.sample()
+        recon = vae.decode(latents).sample
         # L1 keeps edges crisp; the tiny KL term (as in Stable Diffusion's VAE) keeps latents near unit scale.
         rec = reconstruction_loss(recon, x, config.edge_weight)
         kl = dist.kl().mean() / x[0].numel()
-        loss = rec + 1e-4 * kl
+        loss = rec + 1e-4 * kl if not config.decoder_only else rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         log(step, loss=rec.item(), kl=kl.item())
     vae.eval()
-    # Scale latents to unit variance, as Stable Diffusion's scaling_factor does (0.18215 there).
-    mean, std = _encode_latents(vae, images[:4096], device)
-    scale = 1.0 / float((mean + std * torch.randn_like(std)).std())
-    vae.register_to_config(scaling_factor=scale)
-    logger.info("vae scaling_factor=%.4f", scale)
+    if not config.decoder_only:  # a fine-tuned decoder keeps the latent space, and so its scaling factor
+        # Scale latents to unit variance, as Stable Diffusion's scaling_factor does (0.18215 there).
+        mean, std = _encode_latents(vae, images[:4096], device)
+        scale = 1.0 / float((mean + std * torch.randn_like(std)).std())
+        vae.register_to_config(scaling_factor=scale)
+        logger.info("vae scaling_factor=%.4f", scale)
     _save_fp16_copy(vae, work / "vae")
+    if config.decoder_only:
+        # A drop-in: every pipeline folder that ships the VAE takes the new one (they stay byte-identical).
+        for pipeline in ("base", "turbo"):
+            if (weights / pipeline / "vae").is_dir():
+                shutil.rmtree(weights / pipeline / "vae")
+                shutil.copytree(work / "vae", weights / pipeline / "vae")
 
 
 def train_base(config: StageConfig, seed: int, weights: Path, work: Path, device):
@@ -583,6 +607,12 @@ def main(argv=None):
     parser.add_argument("--images", type=int, help="override how many images are rendered")
     parser.add_argument("--lr", type=float, help="override the preset's learning rate")
     parser.add_argument("--edge-weight", type=float, help="vae: extra weight on the shapes' edges (preset: 0)")
+    parser.add_argument("--guidance", type=float,
+                        help="lcm-lora, turbo: the teacher's guidance scale (preset: the baseline's default)")
+    parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 16)")
+    parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
+    parser.add_argument("--decoder-only", action="store_true", default=None,
+                        help="vae: fine-tune the shipped VAE's decoder, keeping its encoder and latent space")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the family's folders are read and written")
     parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files (the VAE before base)")
@@ -591,8 +621,9 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     config = PRESETS[args.stage]
-    overrides = {k: getattr(args, k) for k in ("steps", "batch", "images", "lr", "edge_weight")
-                 if getattr(args, k) is not None}
+    overridable = ("steps", "batch", "images", "lr", "edge_weight", "decoder_only", "guidance", "lora_rank",
+                   "teacher_steps")
+    overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
     config = replace(config, **overrides)
     logger.info("stage %s on %s: %s", args.stage, device,
                 ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))

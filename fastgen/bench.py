@@ -255,7 +255,8 @@ def overhead(engine, family: Family, method: str, *, width: int, height: int, st
 def run(family: str | Family, methods: list[str] | None = None, *, size: tuple[int | None, int | None] = (None, None),
         steps: dict[str, int] | None = None, repeats: int = 3, device: str | None = None, dtype=None,
         compile: bool = False, channels_last: bool = False, cuda_graphs: bool | None = None, memory_budget=None,
-        check_finite: bool = False, measure_overhead: bool = True, prompt: str = PROMPT, seed: int = 0, engine=None, progress: Callable[[int], Callable[[], None]] | None = None
+        check_finite: bool = False, measure_overhead: bool = True, prompt: str = PROMPT, seed: int = 0, engine=None,
+        progress: Callable[[int], Callable[[], None]] | None = None
         ) -> dict:
     """Bench `methods` (default: the family's shown ones, the reference last) and return the report as a dict
     (what --json writes). `progress(total)` returns a tick called once per load or run."""
@@ -357,8 +358,8 @@ def markdown(report: dict) -> str:
             t, s = r["timings"], r["seconds"]
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
             lines.append(f"| {r['label']} | {r['steps']} | {r['load_seconds']:.2f} | {r['warmup_seconds']:.2f} | "
-                         f"{s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {t['text_encoding']:.3f} | {t['denoising']:.3f} | "
-                         f"{t['decoding']:.3f} | {r['steps_per_second']:.2f} | {speedup} | "
+                         f"{s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {t['text_encoding']:.3f} | "
+                         f"{t['denoising']:.3f} | {t['decoding']:.3f} | {r['steps_per_second']:.2f} | {speedup} | "
                          f"{_gb(r['peak_memory_bytes'])} |")
         finite = [r for r in results if r.get("finite")]
         for r in finite:

@@ -608,7 +608,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="override the preset's learning rate")
     parser.add_argument("--edge-weight", type=float, help="vae: extra weight on the shapes' edges (preset: 0)")
     parser.add_argument("--guidance", type=float,
-                        help="lcm-lora, turbo: the teacher's guidance scale (preset: the baseline's default)")
+                        help="lcm-lora, turbo: the teacher's guidance scale (presets: 2 and 4)")
     parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 16)")
     parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
     parser.add_argument("--decoder-only", action="store_true", default=None,

@@ -86,7 +86,7 @@ def compare(args) -> int:
         loras=[dict(zip(("repo", "weight_name", "scale"), lora)) for lora in args.lora] or None),
         family=family, trusted=True)  # your own machine: any model, any LoRA
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, traced=args.traced)
     comparison = engine.compare(family, request.prompt, list(request.methods), **request.engine_kwargs(),
                                 on_step=_progress())
     lines = {}
@@ -143,7 +143,7 @@ def refine(args) -> int:
     image = _open_image(args.image, "image", "RGB")
     mask = _open_image(args.mask, "mask", "L") if args.mask else None
     engine = Engine(device=args.device, dtype=args.dtype, memory_budget=args.memory_budget,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, traced=args.traced)
     comparison = engine.refine_compare(family, image, request.prompt, list(request.methods), mask=mask,
                                        **request.engine_kwargs(), on_step=_progress())
     lines = {}
@@ -180,6 +180,7 @@ def bench(args) -> int:
             report = benchmark.run(family, methods, size=args.size or (None, None), steps=dict(args.steps) or None,
                                    repeats=args.repeats, device=args.device, dtype=args.dtype, compile=args.compile,
                                    channels_last=args.channels_last, cuda_graphs=args.cuda_graphs,
+                                   traced=args.traced,
                                    memory_budget=args.memory_budget, check_finite=args.check_finite,
                                    progress=progress)
         finally:
@@ -338,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--cuda-graphs", action="store_true", default=None,
                        help="replay the UNets and text encoders as CUDA graphs: same pixels, less launch overhead "
                             "(default: FASTGEN_CUDA_GRAPHS=1)")
+        p.add_argument("--traced", action="store_true", default=None,
+                       help="on the CPU, run the UNets as TorchScript traces: same pixels, less Python per step, "
+                            "a warm-up run added to each first load (default: FASTGEN_TRACED=1)")
 
     p = commands.add_parser("compare", help="run methods on one prompt and seed, side by side")
     p.add_argument("prompt")

@@ -254,8 +254,9 @@ def overhead(engine, family: Family, method: str, *, width: int, height: int, st
 
 def run(family: str | Family, methods: list[str] | None = None, *, size: tuple[int | None, int | None] = (None, None),
         steps: dict[str, int] | None = None, repeats: int = 3, device: str | None = None, dtype=None,
-        compile: bool = False, channels_last: bool = False, cuda_graphs: bool | None = None, memory_budget=None,
-        check_finite: bool = False, measure_overhead: bool = True, prompt: str = PROMPT, seed: int = 0, engine=None,
+        compile: bool = False, channels_last: bool = False, cuda_graphs: bool | None = None,
+        traced: bool | None = None, memory_budget=None, check_finite: bool = False, measure_overhead: bool = True,
+        prompt: str = PROMPT, seed: int = 0, engine=None,
         progress: Callable[[int], Callable[[], None]] | None = None
         ) -> dict:
     """Bench `methods` (default: the family's shown ones, the reference last) and return the report as a dict
@@ -270,9 +271,10 @@ def run(family: str | Family, methods: list[str] | None = None, *, size: tuple[i
     steps = check_per_method("steps", steps, family, methods)
     width, height = size
     check_sizes(family, methods, width, height)
-    if compile and cuda_graphs:
-        raise ValueError("`compile` and `cuda_graphs` are measured apart: choose one")
-    engine = engine or Engine(device=device, dtype=dtype, memory_budget=memory_budget, cuda_graphs=cuda_graphs)
+    if compile and (cuda_graphs or traced):
+        raise ValueError("`compile` and `cuda_graphs` or `traced` are measured apart: choose one")
+    engine = engine or Engine(device=device, dtype=dtype, memory_budget=memory_budget, cuda_graphs=cuda_graphs,
+                              traced=traced)
     chosen = {m: check_steps(family.method(m), steps.get(m, family.method(m).steps)) for m in methods}
     timed = next((m for m in methods if family.method(m).lora_repo is None), None) if measure_overhead else None
     total = len(methods) * (2 + repeats) + (2 * repeats if timed else 0)
@@ -297,7 +299,7 @@ def run(family: str | Family, methods: list[str] | None = None, *, size: tuple[i
     return {
         "machine": machine(), "family": family.name, "synthetic": synthetic.family_is_synthetic(family),
         "device": engine.device, "dtype": engine.dtype_name, "compile": compile, "channels_last": channels_last,
-        "cuda_graphs": engine.cuda_graphs, "repeats": repeats,
+        "cuda_graphs": engine.cuda_graphs, "traced": engine.traced, "repeats": repeats,
         "results": [asdict(r) for r in results],
         "cache": {**sharing(engine.cache.report(users), methods),
                   # loads beyond the components held: evicted under the memory budget, so the ratio is of what is left
@@ -344,6 +346,8 @@ def markdown(report: dict) -> str:
         title += ", compiled (regional)"
     if report.get("cuda_graphs"):
         title += ", CUDA graphs"
+    if report.get("traced"):
+        title += ", traced UNets"
     if report.get("channels_last"):
         title += ", channels_last"
     lines.append(f"### {title}")

@@ -214,17 +214,22 @@ class Engine:
     `memory_budget`: bytes (or "8GB") the cache may hold; default 80% of GPU memory on CUDA, of RAM on CPU.
     `cuda_graphs`: replay the UNets and text encoders as CUDA graphs (fastgen.graphs; no pixel changes); default
     FASTGEN_CUDA_GRAPHS=1 on a CUDA device.
+    `traced`: run the UNets as TorchScript traces on a CPU (fastgen.graphs; no pixel changes); default
+    FASTGEN_TRACED=1 on the CPU. Either one adds a warm-up run to each method's first load.
     """
 
     def __init__(self, device: str | None = None, dtype=None, memory_budget: int | str | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, traced: bool | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
-        on_cuda = self.device.startswith("cuda")
+        on_cuda, on_cpu = self.device.startswith("cuda"), self.device == "cpu"
         if cuda_graphs and not on_cuda:
             raise ValueError(f"`cuda_graphs` needs a CUDA device, got {self.device!r}")
+        if traced and not on_cpu:
+            raise ValueError(f"`traced` is for the CPU (on CUDA, use `cuda_graphs`), got {self.device!r}")
         self.cuda_graphs = on_cuda and (os.environ.get("FASTGEN_CUDA_GRAPHS") == "1" if cuda_graphs is None
                                         else cuda_graphs)
+        self.traced = on_cpu and (os.environ.get("FASTGEN_TRACED") == "1" if traced is None else traced)
         budget = default_budget(self.device) if memory_budget is None else memory_budget
         self.cache = ComponentCache(budget=budget, device=self.device)
         self.adapters = Adapters(self.cache)  # LoRAs on the cache's shared UNets
@@ -324,8 +329,8 @@ class Engine:
         unet = self.cache.entry(plan["unet"][0]) if not keys and "unet" in plan else None
         if unet is not None and unet.clean is not None:  # no adapter this run: the UNet's plain layers
             pipe.register_modules(unet=unet.clean)
-        if self.cuda_graphs:
-            graphs.attach(pipe)
+        if self.cuda_graphs or self.traced:
+            graphs.attach(pipe, traced=self.traced)
         return pipe, sorted(pinned), keys, [scale for _, _, scale, _, _ in loras]
 
     def _attach(self, pipe, family: Family, unet_key: str, repo: str, weight_name: str, where: Path, user: str,
@@ -517,14 +522,16 @@ class Engine:
     def _execute(self, family: Family, spec: MethodSpec, pipeline: str | None, args: dict, warm_key: tuple,
                  warm_steps: int, on_step, stop, styles: tuple[StyleLora, ...] = (), on_preview=None):
         """Under the run lock: assemble the pipeline, hold its parts (and enable its LoRA), warm up on a first CUDA
-        run, generate. Returns (pipe, image, timings, steps run, flagged, load seconds)."""
+        or traced run, generate. Returns (pipe, image, timings, steps run, flagged, load seconds)."""
+        # a first CUDA run pays kernel selection; graphs and traces are captured per batch, which guidance sets
+        warm_key = (*warm_key, spec.cfg_at(args["guidance"]))
         with self._run_lock:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"{spec.name} stopped before it started")
             start = time.perf_counter()
             pipe, keys, loras, scales = self._pipeline(family, spec, pipeline, styles)
             with self.cache.hold(keys), self.adapters.active(loras, scales):
-                if self.device != "cpu" and warm_key not in self._warm:  # first CUDA run pays kernel selection
+                if (self.device != "cpu" or self.traced) and warm_key not in self._warm:
                     self._generate(pipe, **{**args, "steps": warm_steps}, on_step=None, stop=stop)
                     self._warm.add(warm_key)
                 load_seconds = time.perf_counter() - start

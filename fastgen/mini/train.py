@@ -51,6 +51,9 @@ class StageConfig:
     # base
     prompt_dropout: float = 0.1  # trains the unconditional branch that classifier-free guidance needs
     ema: float = 0.999
+    # Go on training the shipped base's UNet, its text encoder and VAE frozen: LCM and Turbo, which share them,
+    # keep working unchanged, and LCM-LoRA meets a fine-tune of the UNet it was trained on.
+    unet_only: bool = False
     # distillation
     guidance_min: float = 1.0  # LCM samples the teacher's guidance scale from this range (LCM paper: w ~ U[w_min, w_max])
     guidance_max: float = 8.0
@@ -281,10 +284,49 @@ def train_vae(config: StageConfig, seed: int, weights: Path, work: Path, device)
                 shutil.copytree(work / "vae", weights / pipeline / "vae")
 
 
+def _denoising_loss(unet, x0, t, noise, cond, alphas) -> torch.Tensor:
+    eps = unet(_noised(x0, noise, alphas[t]), t, cond).sample
+    # Min-SNR-5 weighting (Hang et al. 2023) converges several times faster than plain MSE.
+    snr = alphas[t] / (1 - alphas[t])
+    weight = snr.clamp(max=5.0) / snr
+    return (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _fine_tune_base_unet(config: StageConfig, seed: int, weights: Path, work: Path, device):
+    """The shipped base's UNet trained on (see StageConfig.unet_only); only base/unet is rewritten."""
+    torch.manual_seed(seed)
+    pipe = _load_base(weights, device)
+    batches = _Batches(pipe, config, seed, work, device)
+    unet = pipe.unet.requires_grad_(True).train()
+    ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps))
+    alphas = _schedule(device)
+    log = _Log("base", config.steps)
+    for step in range(config.steps):
+        x0, cond, _, uncond = batches()
+        drop = batches.rand((len(x0),)) < config.prompt_dropout
+        cond = torch.where(drop.view(-1, 1, 1), uncond, cond)
+        t = torch.randint(0, 1000, (len(x0),), generator=batches.generator, device=device)
+        loss = _denoising_loss(unet, x0, t, batches.randn(x0.shape), cond, alphas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema_unet, unet, config.ema)  # the average starts at the shipped weights: no warm-up
+        log(step, loss=loss.item())
+    out = weights / "base" / "unet"
+    shutil.rmtree(out)
+    _save_fp16_copy(ema_unet, out)
+
+
 def train_base(config: StageConfig, seed: int, weights: Path, work: Path, device):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    if config.unet_only:
+        return _fine_tune_base_unet(config, seed, weights, work, device)
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32).to(device).eval()
     models.write_tokenizer(work / "tokenizer")
@@ -312,12 +354,7 @@ def train_base(config: StageConfig, seed: int, weights: Path, work: Path, device
         tokens[drop] = empty
         t = torch.randint(0, 1000, (config.batch,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        x_t = _noised(x0, noise, alphas[t])
-        eps = unet(x_t, t, text_encoder(tokens).last_hidden_state).sample
-        # Min-SNR-5 weighting (Hang et al. 2023) converges several times faster than plain MSE.
-        snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=5.0) / snr
-        loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = _denoising_loss(unet, x0, t, noise, text_encoder(tokens).last_hidden_state, alphas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -613,6 +650,8 @@ def main(argv=None):
     parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
     parser.add_argument("--decoder-only", action="store_true", default=None,
                         help="vae: fine-tune the shipped VAE's decoder, keeping its encoder and latent space")
+    parser.add_argument("--unet-only", action="store_true", default=None,
+                        help="base: go on training the shipped base's UNet, its text encoder and VAE frozen")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the family's folders are read and written")
     parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files (the VAE before base)")
@@ -621,8 +660,8 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     config = PRESETS[args.stage]
-    overridable = ("steps", "batch", "images", "lr", "edge_weight", "decoder_only", "guidance", "lora_rank",
-                   "teacher_steps")
+    overridable = ("steps", "batch", "images", "lr", "edge_weight", "decoder_only", "unet_only", "guidance",
+                   "lora_rank", "teacher_steps")
     overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
     config = replace(config, **overrides)
     logger.info("stage %s on %s: %s", args.stage, device,

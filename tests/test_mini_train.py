@@ -110,3 +110,29 @@ def test_a_decoder_only_vae_keeps_the_latent_space_and_replaces_every_shipped_co
     shipped = "vae/diffusion_pytorch_model.safetensors"
     assert (weights / "turbo" / shipped).read_bytes() == (weights / "base" / shipped).read_bytes()
     assert (weights / "base" / shipped).read_bytes() != (trained / "base" / shipped).read_bytes()
+
+
+def test_a_unet_only_base_fine_tune_rewrites_the_base_unet_alone(trained, tmp_path):
+    """`train base --unet-only`: training goes on from the shipped UNet; the text encoder and VAE that LCM and
+    Turbo share with it stay byte for byte, and no other folder changes."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    weights = tmp_path / "weights"
+    shutil.copytree(trained, weights)
+    train.main(["base", "--unet-only", "--steps", "2", "--images", "96", "--batch", "4", "--lr", "1e-2",
+                "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work")])
+    files = sorted(p.relative_to(trained) for p in trained.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(weights) for p in weights.rglob("*") if p.is_file())
+    changed = {f for f in files if (weights / f).read_bytes() != (trained / f).read_bytes()}
+    assert changed == {train.Path("base/unet/diffusion_pytorch_model.safetensors")}, changed
+    before = UNet2DConditionModel.from_pretrained(trained / "base" / "unet")
+    after = UNet2DConditionModel.from_pretrained(weights / "base" / "unet")
+    assert {k: v for k, v in before.config.items() if k != "_name_or_path"} == \
+        {k: v for k, v in after.config.items() if k != "_name_or_path"}
+    assert not [f for f in weights.rglob("*.json") if "_name_or_path" in f.read_text()]  # no training paths
+    old, new = before.state_dict(), after.state_dict()
+    moved = [k for k in old if not torch.equal(old[k], new[k])]
+    # continued from the shipped weights (a fresh UNet would differ everywhere by far more than two small steps)
+    assert moved and max((old[k].float() - new[k].float()).abs().max().item() for k in moved) < 0.1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -632,6 +633,15 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         shutil.copytree(weights / "base" / shared, out / shared)
 
 
+def forget_paths(weights: Path) -> None:
+    """Drop `_name_or_path` (the folder a module was loaded from, on the training machine) from every config
+    under `weights`: shipped files should not change with where they were trained."""
+    for config in [*weights.rglob("config.json"), *weights.rglob("model_index.json")]:
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")  # diffusers' own layout
+
+
 RUNNERS = {"vae": train_vae, "base": train_base, "lcm": train_lcm, "lcm-lora": train_lcm_lora, "turbo": train_turbo}
 
 
@@ -670,6 +680,7 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     RUNNERS[args.stage](config, args.seed, args.weights, args.work, device)
+    forget_paths(args.weights)
     logger.info("stage %s done in %.1f s", args.stage, time.perf_counter() - start)
 
 

@@ -29,16 +29,17 @@ logger = logging.getLogger(__name__)
 GRAPHS_PER_MODULE = 4  # input signatures kept per module: sizes a visitor switches between
 
 
-def _map(fn, obj):
-    """`fn` on every tensor in a nest of tuples, lists and dicts (transformers' outputs are dicts)."""
+def _map(fn, obj, leaf=None):
+    """`fn` on every tensor (or every object `leaf` accepts) in a nest of tuples, lists and dicts (transformers'
+    outputs are dicts), in order; the nest is rebuilt around what `fn` returns."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
+    if leaf(obj) if leaf is not None else isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map(fn, o) for o in obj)
+        return type(obj)(_map(fn, o, leaf) for o in obj)
     if isinstance(obj, dict):
-        return type(obj)(**{k: _map(fn, v) for k, v in obj.items()})
+        return type(obj)(**{k: _map(fn, v, leaf) for k, v in obj.items()})
     return obj
 
 
@@ -166,7 +167,7 @@ class Traced(Replayed):
         import torch
 
         plain = []
-        _map_values(plain.append, (args, kwargs))
+        _map(plain.append, (args, kwargs), leaf=lambda o: not isinstance(o, (tuple, list, dict)))
         return not any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in plain) and \
             any(isinstance(v, torch.Tensor) for v in plain)
 
@@ -197,33 +198,10 @@ class Traced(Replayed):
     def _replay(self, captured, args, kwargs):
         traced, out = captured
         produced = iter(traced(*tensors((args, kwargs))))
-        return _fill(out, produced)
-
-
-def _map_values(fn, obj):
-    """`fn` on every leaf of a nest of tuples, lists and dicts, tensors or not."""
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            _map_values(fn, o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _map_values(fn, o)
-    else:
-        fn(obj)
+        return _map(lambda _: next(produced), out, leaf=lambda o: o is _SLOT)
 
 
 _SLOT = object()  # where a traced output's tensor goes
-
-
-def _fill(nest, values):
-    """`nest` (its tensors replaced by _SLOT) with the slots taken from `values`, in order."""
-    if nest is _SLOT:
-        return next(values)
-    if isinstance(nest, (tuple, list)):
-        return type(nest)(_fill(o, values) for o in nest)
-    if isinstance(nest, dict):
-        return type(nest)(**{k: _fill(v, values) for k, v in nest.items()})
-    return nest
 
 
 def attach(pipe, traced: bool = False) -> list[Replayed]:

@@ -142,13 +142,16 @@ def main(argv=None):
     parser.add_argument("--vae", nargs="?", const="", metavar="FOLDER",
                         help="measure a VAE's round trip on renders instead (default: the shipped VAE; a freshly "
                              "trained one is in runs/mini/vae)")
+    parser.add_argument("--traced", action="store_true",
+                        help="run the UNets as TorchScript traces: the same images, sooner (the s/image column "
+                             "then times the traced runs)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.vae is not None:
         print(vae_table(args.vae or None))
         print(f"({time.perf_counter() - start:.0f} s)")
         return
-    engine = Engine(device="cpu")
+    engine = Engine(device="cpu", traced=args.traced)
     if args.picture:
         picture(engine, args.picture)
     print(refine_table(engine, args.prompts) if args.refine else

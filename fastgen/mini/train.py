@@ -656,6 +656,8 @@ def main(argv=None):
     parser.add_argument("--edge-weight", type=float, help="vae: extra weight on the shapes' edges (preset: 0)")
     parser.add_argument("--guidance", type=float,
                         help="lcm-lora, turbo: the teacher's guidance scale (presets: 2 and 4)")
+    parser.add_argument("--guidance-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="lcm: the range the teacher's guidance scale is drawn from (preset: 1 8)")
     parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 16)")
     parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
     parser.add_argument("--decoder-only", action="store_true", default=None,
@@ -673,6 +675,8 @@ def main(argv=None):
     overridable = ("steps", "batch", "images", "lr", "edge_weight", "decoder_only", "unet_only", "guidance",
                    "lora_rank", "teacher_steps")
     overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
+    if args.guidance_range is not None:
+        overrides["guidance_min"], overrides["guidance_max"] = args.guidance_range
     config = replace(config, **overrides)
     logger.info("stage %s on %s: %s", args.stage, device,
                 ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config)))

@@ -215,7 +215,8 @@ class Engine:
     `cuda_graphs`: replay the UNets and text encoders as CUDA graphs (fastgen.graphs; no pixel changes); default
     FASTGEN_CUDA_GRAPHS=1 on a CUDA device.
     `traced`: run the UNets as TorchScript traces on a CPU (fastgen.graphs; no pixel changes); default
-    FASTGEN_TRACED=1 on the CPU. Either one adds a warm-up run to each method's first load.
+    FASTGEN_TRACED=1 on the CPU. It adds a warm-up run, where the traces are made, to each method's first load
+    (on CUDA every first load has one).
     """
 
     def __init__(self, device: str | None = None, dtype=None, memory_budget: int | str | None = None,

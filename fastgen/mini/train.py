@@ -77,7 +77,8 @@ class StageConfig:
 PRESETS = {
     "vae": StageConfig(steps=2500, batch=32, lr=1e-3, images=20_000),
     "base": StageConfig(steps=3000, batch=64, lr=1e-3),
-    "lcm": StageConfig(steps=1400, batch=32, lr=1e-4),
+    # The teacher's guidance near the base's default of 2, where its outlines are crisp (docs/mini.md)
+    "lcm": StageConfig(steps=1400, batch=32, lr=1e-4, guidance_min=1.5, guidance_max=3.0),
     "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=16, images=8000, guidance=2.0),
     "turbo": StageConfig(steps=2500, batch=16, lr=1e-4, images=8000, teacher_samples=1024,
                          turbo_prediction="v_prediction"),
@@ -657,7 +658,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float,
                         help="lcm-lora, turbo: the teacher's guidance scale (presets: 2 and 4)")
     parser.add_argument("--guidance-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="lcm: the range the teacher's guidance scale is drawn from (preset: 1 8)")
+                        help="lcm: the range the teacher's guidance scale is drawn from (preset: 1.5 3)")
     parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 16)")
     parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
     parser.add_argument("--decoder-only", action="store_true", default=None,

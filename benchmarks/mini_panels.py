@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastgen.engine import Engine  # noqa: E402
@@ -28,8 +30,6 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     engine = Engine(device="cpu", traced=args.traced)
     first = engine.compare("mini", PROMPT, seed=0)
@@ -46,8 +46,6 @@ def main():
         result = first.result(method)
         print(f"{method:>9} {result.steps:>3} steps: {statistics.median(seconds):.3f} s median "
               f"({min(seconds):.3f}-{max(seconds):.3f})")
-    import torch
-
     print(f"four panels ({'traced' if args.traced else 'eager'}, {torch.get_num_threads()} threads), wall clock: "
           f"{statistics.median(totals):.2f} s median over {args.repeats} "
           f"({min(totals):.2f}-{max(totals):.2f})")

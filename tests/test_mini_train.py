@@ -136,3 +136,24 @@ def test_a_unet_only_base_fine_tune_rewrites_the_base_unet_alone(trained, tmp_pa
     moved = [k for k in old if not torch.equal(old[k], new[k])]
     # continued from the shipped weights (a fresh UNet would differ everywhere by far more than two small steps)
     assert moved and max((old[k].float() - new[k].float()).abs().max().item() for k in moved) < 0.1
+
+
+def test_turbo_s_pixel_term_reaches_the_student(trained, tmp_path):
+    """`train turbo --pixel-weight W`: the distillation term in decoded pixels changes what the student learns
+    (with it off, two runs from the same seed give the same weights, so the difference is the term's)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def turbo(name, *extra):
+        weights = tmp_path / name
+        shutil.copytree(trained, weights)
+        train.main(["turbo", "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
+                    "--lr", "1e-2", "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work"),
+                    *extra])
+        return load_file(weights / "turbo" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    plain, again = turbo("plain"), turbo("again")
+    pixels = turbo("pixels", "--pixel-weight", "5", "--edge-weight", "4")
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    assert any(not torch.equal(plain[k], pixels[k]) for k in plain)

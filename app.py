@@ -696,6 +696,10 @@ CSS = """
 .fg-panel { min-width: 0 !important; }
 .fg-panel .fg-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .fg-panel h3 { margin: 0; }
+/* The compare sliders: the images are square (every size choice is), so the slider is as wide as it is high;
+   full width, a small image sat centred in a wide box and the divider cut it to a strip. */
+.fg-compare .slider-wrap { max-width: 384px; margin: 0 auto; }
+.fg-compare img { image-rendering: pixelated; }
 .fg-caption { font-size: 0.9em; min-height: 3em; }
 .fg-status { font-size: 0.85em; color: var(--body-text-color-subdued); min-height: 1.4em; }
 .fg-failed { color: var(--error-text-color); }

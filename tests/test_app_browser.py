@@ -122,6 +122,9 @@ def test_generate_fills_four_panels(page, tmp_path):
     # The compare slider defaults to the fastest panel against the baseline; downloads are offered.
     playwright.expect(page.locator(".fg-compare img")).to_have_count(2)
     playwright.expect(page.locator(".fg-compare img").last).to_be_visible()
+    # Drawn as the square images they are, however small (64² on mini), not as a narrow strip.
+    for box in (page.locator(".fg-compare img").nth(i).bounding_box() for i in range(2)):
+        assert box["height"] >= 256 and abs(box["width"] - box["height"]) <= 0.05 * box["height"], box
     playwright.expect(page.get_by_role("button", name=re.compile("Download grid"))).to_be_visible()
 
     target = Path(os.environ.get("FASTGEN_SCREENSHOT") or tmp_path / "screenshot.png")

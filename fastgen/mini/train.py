@@ -63,7 +63,7 @@ class StageConfig:
     guidance: float = 4.0
     ddim_skip: int = 20  # LCM "skipping-step": the solver jumps k=20 of 1000 steps (50 DDIM steps)
     target_ema: float = 0.95  # LCM target network
-    lora_rank: int = 16
+    lora_rank: int = 32
     adv_weight: float = 0.1  # Turbo: the adversarial term sharpens; the distillation term keeps it on the teacher
     distill_weight: float = 1.0
     teacher_samples: int = 4096  # Turbo: noise -> teacher-sample pairs, drawn once
@@ -83,7 +83,7 @@ PRESETS = {
     "base": StageConfig(steps=3000, batch=64, lr=1e-3),
     # The teacher's guidance near the base's default of 2, where its outlines are crisp (docs/mini.md)
     "lcm": StageConfig(steps=1400, batch=32, lr=1e-4, guidance_min=1.5, guidance_max=3.0),
-    "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=16, images=8000, guidance=2.0),
+    "lcm-lora": StageConfig(steps=2500, batch=32, lr=1e-3, lora_rank=32, images=8000, guidance=2.0),
     "turbo": StageConfig(steps=2500, batch=16, lr=1e-4, images=8000, teacher_samples=1024,
                          turbo_prediction="v_prediction"),
 }
@@ -671,7 +671,7 @@ def main(argv=None):
                         help="lcm-lora, turbo: the teacher's guidance scale (presets: 2 and 4)")
     parser.add_argument("--guidance-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="lcm: the range the teacher's guidance scale is drawn from (preset: 1.5 3)")
-    parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 16)")
+    parser.add_argument("--lora-rank", type=int, help="lcm-lora: the adapter's rank (preset: 32)")
     parser.add_argument("--teacher-steps", type=int, help="turbo: the teacher's steps for each distillation target")
     parser.add_argument("--teacher-samples", type=int, help="turbo: how many distillation targets are drawn (preset: 1024)")
     parser.add_argument("--pixel-weight", type=float,

@@ -696,8 +696,9 @@ CSS = """
 .fg-panel { min-width: 0 !important; }
 .fg-panel .fg-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .fg-panel h3 { margin: 0; }
-/* The compare sliders: the images are square (every size choice is), so the slider is as wide as it is high;
-   full width, a small image sat centred in a wide box and the divider cut it to a strip. */
+/* The compare sliders: the images are square (every size choice is), so the slider is as wide as it is high.
+   At full width the image sat centred in a box three times its width, and most of the divider's travel
+   fell outside it. */
 .fg-compare .slider-wrap { max-width: 384px; margin: 0 auto; }
 .fg-compare img { image-rendering: pixelated; }
 .fg-caption { font-size: 0.9em; min-height: 3em; }

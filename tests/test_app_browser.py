@@ -122,7 +122,11 @@ def test_generate_fills_four_panels(page, tmp_path):
     # The compare slider defaults to the fastest panel against the baseline; downloads are offered.
     playwright.expect(page.locator(".fg-compare img")).to_have_count(2)
     playwright.expect(page.locator(".fg-compare img").last).to_be_visible()
-    # Drawn as the square images they are, however small (64² on mini), not as a narrow strip.
+    # Both of the slider's images load (until the second has, the slider shows half of the first: a strip) ...
+    page.wait_for_function("(() => { const imgs = [...document.querySelectorAll('.fg-compare img')];"
+                           " return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0); })()",
+                           timeout=30_000)
+    # ... and are drawn as the square images they are, however small (64² on mini), not in a wide box.
     for box in (page.locator(".fg-compare img").nth(i).bounding_box() for i in range(2)):
         assert box["height"] >= 256 and abs(box["width"] - box["height"]) <= 0.05 * box["height"], box
     playwright.expect(page.get_by_role("button", name=re.compile("Download grid"))).to_be_visible()

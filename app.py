@@ -460,8 +460,10 @@ class Runs:
             left = "draft" if "draft" in keys else None
             right = next((k for k in keys if k not in ("draft", "baseline")), None)
             out.update(refine_left=gr.Dropdown(choices=choices, value=left),
-                       refine_right=gr.Dropdown(choices=choices, value=right),
-                       refine_slider=present.refine_images(draft, board, baseline, left, right))
+                       refine_right=gr.Dropdown(choices=choices, value=right))
+            images = present.refine_images(draft, board, baseline, left, right)
+            if board.unsent("refine_slider", images):
+                out["refine_slider"] = images
         return self.by_component(out)
 
     def panel_updates(self, board: Board, changed: list[str], prefix: str, caption) -> dict:
@@ -488,8 +490,10 @@ class Runs:
             left, right = present.compare_pair(board)
             offered = list(dict.fromkeys([*done, *(m for m in (left, right) if m)]))
             choices = [(get_family(board.family).method(m).label, m) for m in offered]
-            out.update(left=gr.Dropdown(choices=choices, value=left), right=gr.Dropdown(choices=choices, value=right),
-                       slider=present.compare_images(board, left, right))
+            out.update(left=gr.Dropdown(choices=choices, value=left), right=gr.Dropdown(choices=choices, value=right))
+            images = present.compare_images(board, left, right)
+            if board.unsent("slider", images):
+                out["slider"] = images
         if export and done:
             present.prune(self.export_dir, EXPORT_MAX_AGE)
             grid_path, json_path = present.write_exports(self.comparison(board), self.export_dir)

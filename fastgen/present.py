@@ -254,6 +254,18 @@ class Board:
     order: list[str]
     panels: dict[str, Panel] = field(default_factory=dict)
     picks: tuple[str | None, str | None] = (None, None)
+    sent: dict = field(default_factory=dict, compare=False, repr=False)  # slot -> the images last sent there
+
+    def unsent(self, slot: str, images) -> bool:
+        """False when `images` are the very images this board last sent to `slot`; else remember them, True.
+        Gradio rewrites an image's cache file each time the image is sent, and a rewrite while the browser is
+        still fetching the last copy breaks that image on the page: an unchanged slider is not sent again."""
+        last = self.sent.get(slot)
+        if images is not None and last is not None and len(last) == len(images) and \
+                all(a is b for a, b in zip(last, images)):
+            return False
+        self.sent[slot] = images
+        return True
 
     @classmethod
     def start(cls, family: str, methods: Iterable[str], steps: dict, guidance: dict, previous: "Board | None" = None,

@@ -562,11 +562,12 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
 
     As in ADD, the student starts from the base, trains on the four timesteps of the trailing 4-step schedule,
     and combines an adversarial loss (a discriminator of trainable, prompt-conditioned heads on frozen
-    features) with a distillation loss towards the base teacher. Two choices differ, for a model this size
-    and a 45-minute budget: the frozen features are the teacher UNet's own (as in LADD), and the
+    features) with a distillation loss towards the base teacher. Four choices differ, for a model this size
+    and a CPU budget (docs/mini.md): the frozen features are the teacher UNet's own (as in LADD); the
     distillation target is the teacher's guided 8-step sample from the same noise (as in Luhman & Luhman
-    2021), which is sharper than its one-step denoised estimate. The distillation term is measured in the latent
-    and, with `pixel_weight`, again in pixels through the frozen decoder, the shapes' edges weighted.
+    2021), which is sharper than its one-step denoised estimate; the student may predict v (`turbo_prediction`);
+    and with `pixel_weight` the distillation term is measured again in pixels through the frozen decoder, the
+    shapes' edges weighted.
     """
     from diffusers import EulerAncestralDiscreteScheduler
 

@@ -157,3 +157,76 @@ def test_turbo_s_pixel_term_reaches_the_student(trained, tmp_path):
     pixels = turbo("pixels", "--pixel-weight", "5", "--edge-weight", "4")
     assert all(torch.equal(plain[k], again[k]) for k in plain)
     assert any(not torch.equal(plain[k], pixels[k]) for k in plain)
+
+
+def _perturbed_copy(trained, weights, stage_unet: str):
+    """A copy of the trained family whose `stage_unet` weights are moved far from the base's, so a run that
+    starts from them and one that starts from the base end up far apart."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(trained, weights)
+    file = weights / stage_unet / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    generator = torch.Generator().manual_seed(3)
+    moved = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=generator)).to(v.dtype) for k, v in state.items()}
+    save_file(moved, file)
+    return moved
+
+
+@pytest.mark.parametrize("stage, unet", [("turbo", "turbo/unet"), ("lcm", "lcm")])
+def test_a_second_round_resumes_from_the_stage_s_shipped_weights(trained, tmp_path, stage, unet):
+    """`train lcm|turbo --resume`: the student starts from the stage's shipped UNet, not from the base."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("resumed", ["--resume"]), ("fresh", [])):
+        weights = tmp_path / name
+        shipped = _perturbed_copy(trained, weights, unet)
+        train.main([stage, "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
+                    "--lr", "1e-5", "--seed", "1", "--device", "cpu", "--weights", str(weights),
+                    "--work", str(tmp_path / "work"), *extra])
+        runs[name] = load_file(weights / unet / "diffusion_pytorch_model.safetensors")
+
+    def farthest(state):
+        return max((state[k].float() - shipped[k].float()).abs().max().item() for k in shipped)
+
+    assert farthest(runs["resumed"]) < 0.01  # two small steps from the shipped weights
+    assert farthest(runs["fresh"]) > 0.1  # from the base: the perturbation is gone
+    assert any(not torch.equal(runs["resumed"][k], shipped[k]) for k in shipped)  # and it did train
+
+
+def test_resuming_refuses_what_it_cannot_continue(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train._shipped_unet(tmp_path / "turbo" / "unet", "cpu")
+    # the shipped Turbo predicts v: continuing it as an epsilon model would relearn its output from scratch
+    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
+        train._shipped_unet(trained / "turbo" / "unet", "cpu", "epsilon", trained / "turbo" / "scheduler")
+    with pytest.raises(SystemExit):
+        train.main(["vae", "--resume", "--weights", str(tmp_path)])
+
+
+def test_turbo_s_teacher_pairs_are_drawn_once_and_reused_exactly(trained, tmp_path, monkeypatch):
+    """The pairs are kept in the work folder: a second run with the same seed reads them instead of sampling the
+    teacher again, and trains to the very same weights as the first."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def turbo(name):
+        weights = tmp_path / name
+        shutil.copytree(trained, weights)
+        train.main(["turbo", "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
+                    "--lr", "1e-2", "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work")])
+        return load_file(weights / "turbo" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    first = turbo("first")
+    assert len(list((tmp_path / "work").glob("turbo-pairs-*.pt"))) == 1
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the teacher was sampled again")
+
+    monkeypatch.setattr(train, "_draw_teacher_samples", no_sampling)
+    second = turbo("second")
+    assert all(torch.equal(first[k], second[k]) for k in first)

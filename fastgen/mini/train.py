@@ -75,6 +75,9 @@ class StageConfig:
     # VAE, the shapes' edges weighted 1 + edge_weight): an outline's error is small in the latent's mean square
     # but is what the strict reading of shape sees. 0: the latent term alone.
     pixel_weight: float = 0.0
+    # lcm, turbo: a second round. The student starts from this stage's shipped weights instead of the base (the
+    # optimiser, the discriminator and the schedule start afresh); another seed draws new data and teacher pairs.
+    resume: bool = False
 
 
 PRESETS = {
@@ -207,6 +210,20 @@ class _Batches:
 
     def rand(self, shape):
         return torch.rand(shape, generator=self.generator, device=self.device)
+
+
+def _shipped_unet(folder: Path, device, prediction: str = "epsilon", scheduler: Path | None = None):
+    """A stage's shipped UNet, in float32, to train on (`StageConfig.resume`)."""
+    from diffusers import UNet2DConditionModel
+
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"nothing to resume: no shipped UNet in {folder} (train the stage without --resume)")
+    if scheduler is not None:
+        shipped = json.loads((scheduler / "scheduler_config.json").read_text()).get("prediction_type", "epsilon")
+        if shipped != prediction:
+            raise ValueError(f"the UNet in {folder} predicts {shipped!r}; resuming it as {prediction!r} would "
+                             "retrain its output from scratch")
+    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).to(device)
 
 
 def _x0_from_eps(x_t, eps, alpha_bar):
@@ -417,10 +434,13 @@ def _consistency_distill(config, seed, weights, work, device, lora: bool):
         cond_dim = None
     else:
         cond_dim = 256
-        student = models.new_unet(time_cond_proj_dim=cond_dim).to(device)
-        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
-        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # starts as the teacher exactly
+        if config.resume:
+            student = _shipped_unet(weights / "lcm", device)
+        else:
+            student = models.new_unet(time_cond_proj_dim=cond_dim).to(device)
+            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+            assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # starts as the teacher exactly
         student.requires_grad_(True)
         target = copy.deepcopy(student).requires_grad_(False)
     student.train()
@@ -539,8 +559,26 @@ def _teacher_features(teacher, x, t, cond) -> list[torch.Tensor]:
     return captured
 
 
-def _teacher_samples(pipe, batches: "_Batches", count: int, steps: int, guidance: float):
-    """Pairs (noise, the base's own guided `steps`-step sample from it, prompt index): the distillation targets."""
+def _teacher_samples(pipe, batches: "_Batches", config: StageConfig, seed: int, work: Path):
+    """Pairs (noise, the base's own guided sample from it, prompt index): the distillation targets. Drawing them
+    is minutes on a CPU, so they are kept in `work`, keyed by what they depend on (the base UNet's weights too)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(pipe.unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    key = f"{config.teacher_samples}-{config.teacher_steps}-{config.guidance:g}-{config.images}-{seed}"
+    cache = work / f"turbo-pairs-{key}-{digest.hexdigest()[:12]}.pt"
+    if cache.exists():
+        *pairs, state = torch.load(cache)
+        batches.generator.set_state(state)  # where drawing them left it: training goes on exactly as after a draw
+        return tuple(t.to(batches.device) for t in pairs)
+    logger.info("turbo: %d teacher samples at %d steps", config.teacher_samples, config.teacher_steps)
+    pairs = _draw_teacher_samples(pipe, batches, config.teacher_samples, config.teacher_steps, config.guidance)
+    torch.save((*(t.cpu() for t in pairs), batches.generator.get_state()), cache)
+    return pairs
+
+
+def _draw_teacher_samples(pipe, batches: "_Batches", count: int, steps: int, guidance: float):
     device = batches.device
     noises, samples, prompts = [], [], []
     for start in range(0, count, 128):
@@ -577,15 +615,15 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
     teacher = pipe.unet
     batches = _Batches(pipe, config, seed, work, device)
     alphas = _schedule(device)
-    logger.info("turbo: %d teacher samples at %d steps", config.teacher_samples, config.teacher_steps)
-    noises, targets, target_prompts = _teacher_samples(pipe, batches, config.teacher_samples, config.teacher_steps,
-                                                       config.guidance)
+    noises, targets, target_prompts = _teacher_samples(pipe, batches, config, seed, work)
     target_pixels = None
     if config.pixel_weight:
         with torch.no_grad():
             target_pixels = torch.cat([pipe.vae.decode(chunk / batches.scale).sample.clamp(-1, 1)
                                        for chunk in targets.split(256)])
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    student = (_shipped_unet(weights / "turbo" / "unet", device, config.turbo_prediction,
+                             weights / "turbo" / "scheduler") if config.resume else copy.deepcopy(teacher))
+    student.requires_grad_(True).train()
     channels = [b.resnets[-1].out_channels for b in teacher.down_blocks] + [teacher.mid_block.resnets[-1].out_channels]
     disc = _Discriminator(channels, models.TEXT_WIDTH).to(device)
     opt_g = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.0, 0.99), weight_decay=0.0)
@@ -687,6 +725,11 @@ def main(argv=None):
                         help="vae: fine-tune the shipped VAE's decoder, keeping its encoder and latent space")
     parser.add_argument("--unet-only", action="store_true", default=None,
                         help="base: go on training the shipped base's UNet, its text encoder and VAE frozen")
+    parser.add_argument("--one-step-odds", type=float,
+                        help="turbo: how much likelier t=999 (one step) is drawn than each of 749, 499, 249 (preset: 3)")
+    parser.add_argument("--resume", action="store_true", default=None,
+                        help="lcm, turbo: start from this stage's shipped weights instead of the base (a second round;"
+                             " give another --seed for new data and teacher pairs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the family's folders are read and written")
     parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files (the VAE before base)")
@@ -696,8 +739,12 @@ def main(argv=None):
                           ("cpu" if args.device == "auto" else args.device))
     config = PRESETS[args.stage]
     overridable = ("steps", "batch", "images", "lr", "edge_weight", "decoder_only", "unet_only", "guidance",
-                   "lora_rank", "teacher_steps", "teacher_samples", "pixel_weight")
+                   "lora_rank", "teacher_steps", "teacher_samples", "pixel_weight", "resume")
     overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
+    if args.resume and args.stage not in ("lcm", "turbo"):
+        parser.error(f"--resume is for lcm and turbo (base has --unet-only), not {args.stage}")
+    if args.one_step_odds is not None:
+        overrides["turbo_t_weights"] = (args.one_step_odds, 1.0, 1.0, 1.0)
     if args.guidance_range is not None:
         overrides["guidance_min"], overrides["guidance_max"] = args.guidance_range
     config = replace(config, **overrides)

@@ -205,6 +205,8 @@ def test_resuming_refuses_what_it_cannot_continue(trained, tmp_path):
         train._shipped_unet(trained / "turbo" / "unet", "cpu", "epsilon", trained / "turbo" / "scheduler")
     with pytest.raises(SystemExit):
         train.main(["vae", "--resume", "--weights", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train.main(["turbo", "--one-step-odds", "0", "--weights", str(tmp_path)])
 
 
 def test_turbo_s_teacher_pairs_are_drawn_once_and_reused_exactly(trained, tmp_path, monkeypatch):

@@ -635,7 +635,8 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         n = config.batch
         pick = torch.randint(0, len(noises), (n,), generator=batches.generator, device=device)
         goal, cond = targets[pick], batches.embeds[target_prompts[pick]]
-        # Half the batch at t=999, the one-step case the demo shows by default; the rest spread over 749/499/249.
+        # t=999, the one-step case the demo shows by default, `turbo_t_weights[0]` times as likely as each of
+        # 749/499/249 (the preset's 3: half the batch); `--one-step-odds` sets it.
         t_s = student_t[torch.multinomial(torch.tensor(config.turbo_t_weights, device=device), n, replacement=True,
                                           generator=batches.generator)]
         # At t=999 the student sees the very noise the teacher started from, as at one-step inference;
@@ -732,7 +733,7 @@ def main(argv=None):
                              " give another --seed for new data and teacher pairs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the family's folders are read and written")
-    parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files (the VAE before base)")
+    parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files: the VAE before base, rendered data, latents, Turbo's teacher pairs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -744,6 +745,8 @@ def main(argv=None):
     if args.resume and args.stage not in ("lcm", "turbo"):
         parser.error(f"--resume is for lcm and turbo (base has --unet-only), not {args.stage}")
     if args.one_step_odds is not None:
+        if args.one_step_odds <= 0:
+            parser.error(f"--one-step-odds must be positive, got {args.one_step_odds:g}")
         overrides["turbo_t_weights"] = (args.one_step_odds, 1.0, 1.0, 1.0)
     if args.guidance_range is not None:
         overrides["guidance_min"], overrides["guidance_max"] = args.guidance_range

@@ -37,6 +37,22 @@ def test_stages_write_standard_folders_that_load(trained):
     assert type(turbo.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
 
 
+@pytest.mark.parametrize("family", ["trained", "shipped"])
+def test_the_family_loads_without_diffusers_deprecation_warnings(trained, family):
+    """A scheduler config with `steps_offset` other than 1 makes every pipeline load print a FutureWarning; what
+    training writes and what ships load clean."""
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    weights = trained if family == "trained" else train.WEIGHTS
+    for folder in ("base", "turbo"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            StableDiffusionPipeline.from_pretrained(weights / folder, dtype=torch.float32)
+        assert not [w for w in caught if "steps_offset" in str(w.message)], folder
+
+
 def test_turbo_ships_the_base_vae_and_text_encoder_byte_for_byte(trained):
     def sha(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()

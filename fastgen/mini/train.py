@@ -679,8 +679,9 @@ def train_turbo(config: StageConfig, seed: int, weights: Path, work: Path, devic
         log(step, distill=distill.item(), d=loss_d.item())
 
     pipe.unet = student.eval()
+    # steps_offset only moves "leading" timesteps (these are trailing), but the pipeline warns on any value but 1
     pipe.scheduler = EulerAncestralDiscreteScheduler(**{**models.SCHEDULE, "prediction_type": config.turbo_prediction},
-                                                     timestep_spacing="trailing")
+                                                     timestep_spacing="trailing", steps_offset=1)
     out = weights / "turbo"
     shutil.rmtree(out, ignore_errors=True)
     # A full pipeline folder, like stabilityai/sdxl-turbo: its VAE and text encoder are the base's, byte for byte.

@@ -154,23 +154,26 @@ def test_a_unet_only_base_fine_tune_rewrites_the_base_unet_alone(trained, tmp_pa
     assert moved and max((old[k].float() - new[k].float()).abs().max().item() for k in moved) < 0.1
 
 
-def test_turbo_s_pixel_term_reaches_the_student(trained, tmp_path):
-    """`train turbo --pixel-weight W`: the distillation term in decoded pixels changes what the student learns
-    (with it off, two runs from the same seed give the same weights, so the difference is the term's)."""
+def _turbo_on_a_copy(trained, tmp_path, name, *extra):
+    """Two steps of `train turbo` on a copy of the trained family (one work folder per test); its new UNet."""
     import shutil
 
     from safetensors.torch import load_file
 
-    def turbo(name, *extra):
-        weights = tmp_path / name
-        shutil.copytree(trained, weights)
-        train.main(["turbo", "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
-                    "--lr", "1e-2", "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work"),
-                    *extra])
-        return load_file(weights / "turbo" / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = tmp_path / name
+    shutil.copytree(trained, weights)
+    train.main(["turbo", "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
+                "--lr", "1e-2", "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work"),
+                *extra])
+    return load_file(weights / "turbo" / "unet" / "diffusion_pytorch_model.safetensors")
 
-    plain, again = turbo("plain", "--pixel-weight", "0"), turbo("again", "--pixel-weight", "0")
-    pixels = turbo("pixels", "--pixel-weight", "5", "--edge-weight", "4")
+
+def test_turbo_s_pixel_term_reaches_the_student(trained, tmp_path):
+    """`train turbo --pixel-weight W`: the distillation term in decoded pixels changes what the student learns
+    (with it off, two runs from the same seed give the same weights, so the difference is the term's)."""
+    plain = _turbo_on_a_copy(trained, tmp_path, "plain", "--pixel-weight", "0")
+    again = _turbo_on_a_copy(trained, tmp_path, "again", "--pixel-weight", "0")
+    pixels = _turbo_on_a_copy(trained, tmp_path, "pixels", "--pixel-weight", "5", "--edge-weight", "4")
     assert all(torch.equal(plain[k], again[k]) for k in plain)
     assert any(not torch.equal(plain[k], pixels[k]) for k in plain)
 
@@ -228,23 +231,12 @@ def test_resuming_refuses_what_it_cannot_continue(trained, tmp_path):
 def test_turbo_s_teacher_pairs_are_drawn_once_and_reused_exactly(trained, tmp_path, monkeypatch):
     """The pairs are kept in the work folder: a second run with the same seed reads them instead of sampling the
     teacher again, and trains to the very same weights as the first."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    def turbo(name):
-        weights = tmp_path / name
-        shutil.copytree(trained, weights)
-        train.main(["turbo", "--steps", "2", "--images", "96", "--batch", "4", "--teacher-samples", "8",
-                    "--lr", "1e-2", "--device", "cpu", "--weights", str(weights), "--work", str(tmp_path / "work")])
-        return load_file(weights / "turbo" / "unet" / "diffusion_pytorch_model.safetensors")
-
-    first = turbo("first")
+    first = _turbo_on_a_copy(trained, tmp_path, "first")
     assert len(list((tmp_path / "work").glob("turbo-pairs-*.pt"))) == 1
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("the teacher was sampled again")
 
     monkeypatch.setattr(train, "_draw_teacher_samples", no_sampling)
-    second = turbo("second")
+    second = _turbo_on_a_copy(trained, tmp_path, "second")
     assert all(torch.equal(first[k], second[k]) for k in first)

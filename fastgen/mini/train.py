@@ -728,13 +728,15 @@ def main(argv=None):
     parser.add_argument("--unet-only", action="store_true", default=None,
                         help="base: go on training the shipped base's UNet, its text encoder and VAE frozen")
     parser.add_argument("--one-step-odds", type=float,
-                        help="turbo: how much likelier t=999 (one step) is drawn than each of 749, 499, 249 (preset: 3)")
+                        help="turbo: how much likelier t=999 (one step) is drawn than each of 749, 499, 249"
+                             " (preset: 3)")
     parser.add_argument("--resume", action="store_true", default=None,
                         help="lcm, turbo: start from this stage's shipped weights instead of the base (a second round;"
                              " give another --seed for new data and teacher pairs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the family's folders are read and written")
-    parser.add_argument("--work", type=Path, default=Path("runs/mini"), help="intermediate files: the VAE before base, rendered data, latents, Turbo's teacher pairs")
+    parser.add_argument("--work", type=Path, default=Path("runs/mini"),
+                        help="intermediate files: the VAE before base, rendered data, latents, Turbo's teacher pairs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

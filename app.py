@@ -512,7 +512,13 @@ class Runs:
         """{name: value} -> {component: value} once the page is bound (handler tests read the names)."""
         if not self.components:
             return updates
-        return {self.components[name]: value for name, value in updates.items()}
+        return {self.components[name]: present.page_value(value, page_files()) for name, value in updates.items()}
+
+
+def page_files() -> Path:
+    """Where images sent to the page and the API are written (present.page_file): inside the folder Gradio serves
+    its cache from, so a file there goes out as it is, and `delete_cache` ages it like Gradio's own."""
+    return Path(gr.utils.get_upload_folder()) / "fastgen"
 
 
 def compare_api(engine: Engine, default: str):
@@ -546,7 +552,8 @@ def compare_api(engine: Engine, default: str):
             raise failed("Something went wrong on the server; the error has been logged.") from None
         if not comparison.results:  # every panel failed: their messages are the answer
             raise failed("; ".join(f"{f.label}: {f.message}" for f in comparison.failures))
-        gallery = [(r.image, f"{r.label}: {r.steps} steps, guidance {r.guidance:g}, {r.seconds:.2f} s")
+        gallery = [(present.page_file(r.image, page_files()),
+                    f"{r.label}: {r.steps} steps, guidance {r.guidance:g}, {r.seconds:.2f} s")
                    for r in comparison.results]
         return gallery, comparison.to_dict()
 
@@ -588,8 +595,8 @@ def refine_api(engine: Engine, default: str):
             raise failed("Something went wrong on the server; the error has been logged.") from None
         if not comparison.results:
             raise failed("; ".join(f"{f.label}: {f.message}" for f in comparison.failures))
-        gallery = [(r.image, f"{r.label}: strength {r.strength:g}, {r.denoising_steps} of {r.steps} steps, "
-                             f"{r.seconds:.2f} s") for r in comparison.results]
+        gallery = [(present.page_file(r.image, page_files()), f"{r.label}: strength {r.strength:g}, "
+                    f"{r.denoising_steps} of {r.steps} steps, {r.seconds:.2f} s") for r in comparison.results]
         return gallery, comparison.to_dict()
 
     return refine, validate
@@ -659,7 +666,7 @@ def live_api(engine: Engine, default: str):
         except Exception:
             log.exception("live frame failed: method=%s prompt=%s", method, shown(prompt))
             raise failed("Something went wrong on the server; the error has been logged.") from None
-        return result.image, result.to_dict()
+        return present.page_file(result.image, page_files()), result.to_dict()
 
     return live, validate
 

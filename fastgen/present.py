@@ -258,8 +258,8 @@ class Board:
 
     def unsent(self, slot: str, images) -> bool:
         """False when `images` are the very images this board last sent to `slot`; else remember them, True.
-        Gradio rewrites an image's cache file each time the image is sent, and a rewrite while the browser is
-        still fetching the last copy breaks that image on the page: an unchanged slider is not sent again."""
+        An unchanged slider is not sent again: the browser would fetch both images anew and redraw the slider
+        under the visitor's drag. (Images go out as files written once, `page_file`, so a resend rewrites none.)"""
         last = self.sent.get(slot)
         if images is not None and last is not None and len(last) == len(images) and \
                 all(a is b for a, b in zip(last, images)):
@@ -411,6 +411,50 @@ def compare_images(board: Board | None, left: str | None, right: str | None):
     panels = board.panels if board is not None else {}
     images = [panels[m].result.image if m in panels and panels[m].result is not None else None for m in (left, right)]
     return tuple(images) if all(i is not None for i in images) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images on the page: as files named by their content, written once.
+
+
+def page_file(image, folder: Path) -> str:
+    """`image` as a PNG in `folder`, named by its pixels, written once and atomically; the file's path.
+
+    Gradio saves an image sent as pixels to a cache file named by its bytes and writes that file again each time
+    the same image is sent, so a browser still fetching the earlier copy gets a truncated image (two outputs, or
+    two visitors, showing the same prompt and seed). A path already in its cache is served as it is: here a
+    file, once written, is never rewritten, and one that exists is touched, so a cache that ages files by time
+    keeps it while it is still being handed out."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+    digest.update(image.tobytes())
+    path = folder / f"{digest.hexdigest()[:40]}.png"
+    try:
+        os.utime(path)
+        return str(path)
+    except FileNotFoundError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{path.name}.{uuid.uuid4().hex}"
+    try:
+        image.save(staging, format="png", compress_level=1)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return str(path)
+
+
+def page_value(value, folder: Path):
+    """An output's value with each image in it (alone, or in a slider's pair) replaced by its `page_file`."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return page_file(value, folder)
+    if isinstance(value, tuple) and value and all(isinstance(v, Image.Image) for v in value):
+        return tuple(page_file(v, folder) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------

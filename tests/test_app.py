@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -193,8 +194,7 @@ def test_generate_fills_panels_fastest_first_baseline_last(tmp_path):
 
 
 def test_a_slider_is_not_sent_again_with_the_images_it_already_shows(runs):
-    """Gradio rewrites an image's cache file each time it is sent; rewritten while the browser still fetches
-    it, the image breaks (seen in the browser test as a slider drawn half). So each pair goes out once."""
+    """Each pair goes out once: sent again, the browser fetches both images anew and redraws the slider."""
     updates = generate(runs)
     sent = [tuple(u["slider"]) for u in updates if changed(u["slider"]) and u["slider"] is not None]
     assert sent and len({tuple(map(id, pair)) for pair in sent}) == len(sent), [list(map(id, p)) for p in sent]
@@ -205,6 +205,36 @@ def test_a_slider_is_not_sent_again_with_the_images_it_already_shows(runs):
     sent = [tuple(u["refine_slider"]) for u in refined if u.get("refine_slider") is not None
             and changed(u["refine_slider"])]
     assert sent and len({tuple(map(id, pair)) for pair in sent}) == len(sent)
+
+
+def test_an_image_goes_to_the_page_as_a_file_written_once(runs, tmp_path, monkeypatch):
+    """Two outputs (or two visitors) showing the same image: Gradio would rewrite its cache file for each, and a
+    browser fetching the first copy then gets a truncated image. As a file named by its pixels the image is
+    written once, served from where it lies, and never rewritten."""
+    from gradio import processing_utils
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    saves = []
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", lambda self, *a, **k: (saves.append(a[0]), original(self, *a, **k)))
+    red, blue = Image.new("RGB", (64, 64), (220, 40, 40)), Image.new("RGB", (64, 64), (40, 90, 220))
+    first = present.page_file(red, app.page_files())
+    assert len(saves) == 1 and Path(first).parent == tmp_path / "cache" / "fastgen"
+    again = present.page_value((red.copy(), blue), app.page_files())  # the same pixels, a new object
+    assert again[0] == first and len(saves) == 2  # only blue was written
+    with Image.open(first) as back:
+        assert back.format == "PNG" and list(back.convert("RGB").getdata()) == list(red.getdata())  # lossless
+    assert not [p for p in Path(first).parent.iterdir() if p.name.startswith(".")]  # no staging file left
+    # Gradio serves the file from where it lies: no copy of it is made, so none is rewritten either
+    component = gr.Image(type="pil", format="png")
+    served = processing_utils.move_files_to_cache(component.postprocess(first), component, postprocess=True)
+    assert served["path"] == first
+    assert present.page_value("text", app.page_files()) == "text" and present.page_value(None, app.page_files()) is None
+    # on the page, every update's images go out so: a panel's image and a slider's pair
+    slider = gr.ImageSlider(type="pil")
+    runs.bind({"turbo.image": component, "slider": slider, "turbo.caption": gr.Markdown()})
+    out = runs.by_component({"turbo.image": red, "slider": (blue, red), "turbo.caption": "x"})
+    assert out[component] == first and out[slider] == (again[1], first) and len(saves) == 2
 
 
 def test_disabled_panels_do_not_run(runs):

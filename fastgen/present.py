@@ -430,6 +430,7 @@ def page_file(image, folder: Path) -> str:
 
     digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
     digest.update(image.tobytes())
+    digest.update(bytes(image.getpalette() or []))  # a palette image's pixels are indices into it
     path = folder / f"{digest.hexdigest()[:40]}.png"
     try:
         os.utime(path)

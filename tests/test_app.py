@@ -225,6 +225,10 @@ def test_an_image_goes_to_the_page_as_a_file_written_once(runs, tmp_path, monkey
     with Image.open(first) as back:
         assert back.format == "PNG" and list(back.convert("RGB").getdata()) == list(red.getdata())  # lossless
     assert not [p for p in Path(first).parent.iterdir() if p.name.startswith(".")]  # no staging file left
+    indexed = [Image.new("P", (8, 8), 0) for _ in range(2)]  # the same indices into two palettes
+    indexed[0].putpalette([255, 0, 0] * 256)
+    indexed[1].putpalette([0, 0, 255] * 256)
+    assert present.page_file(indexed[0], app.page_files()) != present.page_file(indexed[1], app.page_files())
     # Gradio serves the file from where it lies: no copy of it is made, so none is rewritten either
     component = gr.Image(type="pil", format="png")
     served = processing_utils.move_files_to_cache(component.postprocess(first), component, postprocess=True)
@@ -234,7 +238,7 @@ def test_an_image_goes_to_the_page_as_a_file_written_once(runs, tmp_path, monkey
     slider = gr.ImageSlider(type="pil")
     runs.bind({"turbo.image": component, "slider": slider, "turbo.caption": gr.Markdown()})
     out = runs.by_component({"turbo.image": red, "slider": (blue, red), "turbo.caption": "x"})
-    assert out[component] == first and out[slider] == (again[1], first) and len(saves) == 2
+    assert out[component] == first and out[slider] == (again[1], first) and len(saves) == 4
 
 
 def test_disabled_panels_do_not_run(runs):

@@ -98,7 +98,9 @@ def test_examples_fill_the_prompt(page):
 
 
 def test_generate_fills_four_panels(page, tmp_path):
-    before = panel(page, "Turbo").locator(".fg-image img").get_attribute("src")  # from the run on opening
+    # the run on opening first (run alone, this test comes before the opening test has waited for it)
+    playwright.expect(page.get_by_role("button", name="Generate")).to_be_enabled(timeout=90_000)
+    before = panel(page, "Turbo").locator(".fg-image img").get_attribute("src")
     page.get_by_label("Prompt", exact=True).fill(PROMPT)
     page.get_by_role("button", name="Generate").click()
     # Done when every panel shows a new image and the baseline, which runs last, has its caption.

@@ -512,7 +512,8 @@ class Runs:
         """{name: value} -> {component: value} once the page is bound (handler tests read the names)."""
         if not self.components:
             return updates
-        return {self.components[name]: present.page_value(value, page_files()) for name, value in updates.items()}
+        folder = page_files()
+        return {self.components[name]: present.page_value(value, folder) for name, value in updates.items()}
 
 
 def page_files() -> Path:

@@ -11,8 +11,10 @@ can be tested without a server. Nothing here imports gradio or holds a model.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
+import os
 import queue
 import threading
 import time
@@ -425,9 +427,6 @@ def page_file(image, folder: Path) -> str:
     two visitors, showing the same prompt and seed). A path already in its cache is served as it is: here a
     file, once written, is never rewritten, and one that exists is touched, so a cache that ages files by time
     keeps it while it is still being handed out."""
-    import hashlib
-    import os
-
     digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
     digest.update(image.tobytes())
     digest.update(bytes(image.getpalette() or []))  # a palette image's pixels are indices into it
